@@ -1,0 +1,698 @@
+"""Group-Mix Attention (GMA) and GroupMixFormer, from scratch, in one file.
+
+Paper: Ge et al., "Advancing Vision Transformers with Group-Mix Attention", arXiv 2311.15157.
+Official code: github.com/AILab-CVC/GroupMixFormer (models/groupmixformer.py). Its attention core
+and position encodings come from CoaT (arXiv 2104.06399).
+
+GMA in one paragraph: ordinary self-attention relates one token to one token. GMA splits Q, K and
+V along channels into segments and runs a different sliding-window "group aggregation" (window
+1, 3, 5, 7) on each, so that attention works on tokens *and* on group proxies that summarise
+neighbourhoods. One more segment skips attention (the non-attention branch). The blocks stack into
+a four-stage hierarchical backbone like a CNN.
+
+Reading guide (file section -> paper):
+  1. Config                         -> Sec. 3.3, Table 1 (model variants)
+  2. Group aggregators              -> Sec. 3.2 (group proxies), Fig. 2
+  3. Non-attention branch           -> Sec. 3.2, the fifth segment
+  4. Attention cores                -> Sec. 3.2 (Eq. of attention), CoaT Sec. 4 (factorized form)
+  5. Group-Mix Attention            -> Sec. 3.2, Fig. 2 (segments, heads, merge)
+  6. GMA block, stages, backbone    -> Sec. 3.3, Fig. 3
+  7. Variants, official weights     -> Table 1; the official repository's checkpoints
+
+Differences from the official code (the network computed is the same, weight for weight):
+  - names follow the paper; convert_official_state_dict() maps the official names onto ours;
+  - plain BatchNorm instead of SyncBatchNorm, and no timm/einops: runs on one CPU or GPU;
+  - grid sizes are read off the convolution outputs, so any input size works (the official code
+    assumes sides divisible by 32); `padding_mode="circular"` exists for equivariance tests;
+  - `attention="softmax"` adds the paper's explicit N x N attention map as an alternative core;
+  - reset_classifier() works (the official one refers to a missing attribute).
+"""
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------
+
+ATTENTION_CORES = ("factorized", "softmax")
+PADDING_MODES = ("zeros", "circular")
+
+
+@dataclass
+class GroupMixFormerConfig:
+    dims: tuple = (40, 80, 160, 160)  # width C of each stage (Table 1)
+    depths: tuple = (3, 3, 12, 4)  # GMA blocks in each stage
+    mlp_ratios: tuple = (4, 4, 4, 4)  # MLP hidden width = ratio * C, per stage
+    num_heads: int = 8  # attention heads, spread evenly over the attention segments
+    group_sizes: tuple = (1, 3, 5, 7)  # aggregation window of each attention segment; 1 = tokens
+    crpe_windows: tuple = ((3, 2), (5, 3), (7, 3))  # (kernel, heads) of the conv. rel. pos. enc.
+    stem_strides: tuple = (2, 2)  # strides of the two stem convs; (2, 2) = the official /4
+    stage_strides: tuple = (1, 2, 2, 2)  # stride of each stage's patch embedding
+    attention: str = "factorized"  # "factorized" (official, CoaT) or "softmax" (paper's figure)
+    padding_mode: str = "zeros"  # "zeros" (official) or "circular" (exact shift equivariance)
+    num_classes: int = 1000  # 0 = no classifier, forward() returns pooled features
+    in_chans: int = 3  # channels of the input image
+    drop_path_rate: float = 0.1  # stochastic depth, rising linearly from 0 over all blocks
+    qkv_bias: bool = True  # bias of the Q/K/V projection (on in every official config)
+    img_size: int = 224  # natural input side, used only for FLOP tables; any size runs
+
+    def __post_init__(self):
+        for name in ("dims", "depths", "mlp_ratios", "group_sizes", "stem_strides", "stage_strides"):
+            setattr(self, name, tuple(getattr(self, name)))
+        self.crpe_windows = tuple(tuple(pair) for pair in self.crpe_windows)
+        self.validate()
+
+    @property
+    def num_segments(self):
+        """Channel segments of GMA: one per group size plus the non-attention branch."""
+        return len(self.group_sizes) + 1
+
+    def validate(self):
+        """Raise ValueError naming the value and the rule for any config GMA cannot be built from."""
+        def fail(message):
+            raise ValueError(f"GroupMixFormerConfig: {message}")
+
+        stages = len(self.dims)
+        if stages == 0:
+            fail("dims must name at least one stage")
+        for name in ("depths", "mlp_ratios", "stage_strides"):
+            if len(getattr(self, name)) != stages:
+                fail(f"{name}={getattr(self, name)} must have one entry per stage, like dims={self.dims}")
+        if self.attention not in ATTENTION_CORES:
+            fail(f"attention={self.attention!r} must be one of {ATTENTION_CORES}")
+        if self.padding_mode not in PADDING_MODES:
+            fail(f"padding_mode={self.padding_mode!r} must be one of {PADDING_MODES}")
+        for name in ("depths", "stage_strides", "stem_strides"):
+            if any(not isinstance(v, int) or v < 1 for v in getattr(self, name)):
+                fail(f"{name}={getattr(self, name)} must hold positive integers")
+        if len(self.stem_strides) != 2:
+            fail(f"stem_strides={self.stem_strides} must have two entries (the stem has two convs)")
+        if any(r <= 0 for r in self.mlp_ratios):
+            fail(f"mlp_ratios={self.mlp_ratios} must be positive")
+        if not self.group_sizes or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in self.group_sizes):
+            fail(f"group_sizes={self.group_sizes} must be odd positive integers (a window centred on "
+                 "its token keeps the grid size)")
+        if self.num_heads < 1 or self.num_heads % len(self.group_sizes):
+            fail(f"num_heads={self.num_heads} must be a positive multiple of the "
+                 f"{len(self.group_sizes)} attention segments, so that no head mixes two segments")
+        for c in self.dims:
+            if not isinstance(c, int) or c < 1 or c % self.num_segments:
+                fail(f"stage width {c} in dims={self.dims} must split into {self.num_segments} "
+                     "equal segments (group sizes + non-attention branch)")
+            segment = c // self.num_segments
+            heads_per_segment = self.num_heads // len(self.group_sizes)
+            if segment % heads_per_segment:
+                fail(f"stage width {c}: segment width {segment} must split into {heads_per_segment} "
+                     f"heads per segment (num_heads={self.num_heads})")
+        if self.dims[0] < 2:
+            fail(f"dims[0]={self.dims[0]} must be at least 2 (the stem's first conv has dims[0] // 2)")
+        if sum(heads for _, heads in self.crpe_windows) != self.num_heads:
+            fail(f"crpe_windows={self.crpe_windows} must assign exactly num_heads={self.num_heads} heads")
+        if any(k < 1 or k % 2 == 0 or heads < 0 for k, heads in self.crpe_windows):
+            fail(f"crpe_windows={self.crpe_windows} must pair odd positive kernels with head counts >= 0")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            fail(f"num_classes={self.num_classes} must be an integer >= 0")
+        if not isinstance(self.in_chans, int) or self.in_chans < 1:
+            fail(f"in_chans={self.in_chans} must be a positive integer")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            fail(f"drop_path_rate={self.drop_path_rate} must lie in [0, 1)")
+        if self.img_size < 1:
+            fail(f"img_size={self.img_size} must be positive")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+
+def depthwise_conv(channels, kernel_size, padding_mode, stride=1, bias=False):
+    """k x k convolution that mixes space but not channels (one filter per channel)."""
+    return nn.Conv2d(channels, channels, kernel_size, stride, kernel_size // 2, groups=channels,
+                     bias=bias, padding_mode=padding_mode)
+
+
+def pointwise_conv(in_channels, out_channels):
+    """1 x 1 convolution: mixes channels, not space."""
+    return nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+
+def tokens_to_map(x, size):
+    B, N, C = x.shape
+    H, W = size
+    return x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+
+
+def map_to_tokens(x):
+    return x.flatten(2).transpose(1, 2)  # (B, H*W, C), tokens in row-major order
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop the whole residual branch of a sample with prob. p."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f"p={self.p:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Group aggregators: the group proxies of Sec. 3.2
+# ----------------------------------------------------------------------------------------------
+
+class GroupAggregator(nn.Module):
+    """Turn one channel segment of Q, K or V into group proxies.
+
+    Every token is replaced by an aggregate of the k x k window around it (Sec. 3.2: "we use a
+    sliding window ... to aggregate the neighbouring tokens"). The official aggregator is a
+    separable conv (depthwise k x k, then pointwise 1 x 1), BatchNorm and Hardswish. With k = 1
+    there is no conv at all: the tokens stay themselves (the paper's "identity" branch) but still
+    pass through BatchNorm and Hardswish, as in the official code.
+    """
+
+    def __init__(self, channels, group_size, padding_mode):
+        super().__init__()
+        self.group_size = group_size
+        if group_size > 1:
+            self.depthwise = depthwise_conv(channels, group_size, padding_mode)
+            self.pointwise = pointwise_conv(channels, channels)
+        self.norm = nn.BatchNorm2d(channels)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        B, s, H, W = x.shape
+        if self.group_size > 1:
+            x = self.pointwise(self.depthwise(x))  # (B, s, H, W): x_ij <- sum of its k x k window
+        return self.act(self.norm(x))
+
+    def extra_repr(self):
+        return f"group_size={self.group_size}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The non-attention branch (the fifth segment)
+# ----------------------------------------------------------------------------------------------
+
+class NonAttentionBranch(nn.Module):
+    """The segment that skips attention: a local conv over the concatenated Q, K and V segments.
+
+    Per sample [Q_4 | K_4 | V_4] (3s channels) -> depthwise 3x3 -> 1x1 down to s channels ->
+    LayerNorm over channels (eps 1e-5, unlike the blocks' 1e-6) -> Hardswish. The official code
+    calls this module `agg0`, though it has nothing to do with aggregator 0.
+    """
+
+    def __init__(self, segment, padding_mode):
+        super().__init__()
+        self.depthwise = depthwise_conv(3 * segment, 3, padding_mode)
+        self.pointwise = pointwise_conv(3 * segment, segment)
+        self.norm = nn.LayerNorm(segment, eps=1e-5)
+        self.act = nn.Hardswish()
+
+    def forward(self, q, k, v):
+        B, s, H, W = q.shape
+        x = torch.cat([q, k, v], dim=1)  # (B, 3s, H, W)
+        x = self.pointwise(self.depthwise(x))  # (B, s, H, W)
+        return self.act(self.norm(map_to_tokens(x)))  # (B, N, s)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Attention cores: what one head does with its (proxy) queries, keys and values
+# ----------------------------------------------------------------------------------------------
+#
+# Both cores take q, k, v of shape (B, h, N, d): h heads, N tokens (or group proxies, one per
+# token position), d channels per head.
+
+def factorized_attention(q, k, v, scale):
+    """CoaT's factorized attention, which the official code and weights use.
+
+    out = scale * q @ (softmax_N(k)^T @ v). The softmax runs over the N tokens of each key
+    channel, so softmax(k)^T v is a d x d "context" matrix: cost O(N d^2) and no N x N map. q is
+    not normalised. The official scale is (C / heads)^-1/2, computed from the *whole* stage width
+    C rather than the head width d = 4C/(5h), so it is smaller than the usual d^-1/2.
+    """
+    B, h, N, d = q.shape
+    context = k.softmax(dim=-2).transpose(-2, -1) @ v  # (B, h, d, d)
+    return scale * (q @ context)  # (B, h, N, d)
+
+
+def softmax_attention(q, k, v, scale):
+    """Standard attention with the explicit N x N map drawn in the paper's Fig. 1 and 2.
+
+    out = softmax_N'(scale * q @ k^T) @ v, softmax over keys for each query: cost O(N^2 d).
+    Here scale is the usual d^-1/2 of the real head width.
+    """
+    B, h, N, d = q.shape
+    attn = (scale * q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
+    return attn @ v  # (B, h, N, d)
+
+
+class ConvRelPosEnc(nn.Module):
+    """CoaT's convolutional relative position encoding: q * DWConv(v), added to every head.
+
+    The heads are split into groups with their own depthwise kernel: officially 2 heads with
+    3x3, 3 with 5x5, 3 with 7x7. This split does not line up with GMA's segments (2/2/2/2 heads).
+    """
+
+    def __init__(self, head_dim, windows, padding_mode):
+        super().__init__()
+        self.head_dim = head_dim
+        self.channel_splits = [heads * head_dim for _, heads in windows]
+        self.convs = nn.ModuleList(
+            depthwise_conv(channels, kernel, padding_mode, bias=True)
+            for (kernel, _), channels in zip(windows, self.channel_splits))
+
+    def forward(self, q, v, size):
+        B, h, N, d = q.shape
+        v = tokens_to_map(v.transpose(1, 2).reshape(B, N, h * d), size)  # (B, h*d, H, W)
+        v = torch.cat([conv(part) for conv, part in
+                       zip(self.convs, v.split(self.channel_splits, dim=1))], dim=1)
+        v = map_to_tokens(v).reshape(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
+        return q * v
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Group-Mix Attention
+# ----------------------------------------------------------------------------------------------
+
+class GroupMixAttention(nn.Module):
+    """Group-Mix Attention (Sec. 3.2, Fig. 2).
+
+    1. Project tokens to Q, K, V (C channels each) and cut each into segments of s = C/5.
+    2. Aggregators 0-3 turn segments 0-3 into group proxies of window 1, 3, 5, 7; the same
+       aggregator (weights and BatchNorm) serves Q, K and V.
+    3. Heads: the 4s proxy channels split into h heads of width d; each segment holds h/4 heads,
+       so a head attends among tokens (window 1) or among k x k proxies of one size.
+    4. Attention per head (factorized or softmax core), plus the conv. rel. position encoding.
+    5. Segment 4 takes the non-attention branch; its output is appended last; a linear projection
+       mixes all segments again.
+    """
+
+    def __init__(self, dim, cfg):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = cfg.num_heads
+        self.segment = dim // cfg.num_segments  # s
+        self.head_dim = self.segment * len(cfg.group_sizes) // cfg.num_heads  # d
+        self.attention = cfg.attention
+        if cfg.attention == "factorized":
+            self.scale = (dim // cfg.num_heads) ** -0.5  # official: whole width over heads, not d
+        else:
+            self.scale = self.head_dim ** -0.5  # standard attention: the real head width
+
+        self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
+        self.aggregators = nn.ModuleList(
+            GroupAggregator(self.segment, k, cfg.padding_mode) for k in cfg.group_sizes)
+        self.non_attention_branch = NonAttentionBranch(self.segment, cfg.padding_mode)
+        self.crpe = ConvRelPosEnc(self.head_dim, cfg.crpe_windows, cfg.padding_mode)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, size):
+        B, N, C = x.shape
+        H, W = size
+        h, d, s = self.num_heads, self.head_dim, self.segment
+
+        # Q, K, V stacked on the batch axis, so that each aggregator runs once over all three
+        # (as officially: in training its BatchNorm statistics pool over Q, K and V).
+        qkv = self.qkv(x).reshape(B, N, 3, C).permute(2, 0, 1, 3)  # (3, B, N, C): Q, K, V
+        qkv = tokens_to_map(qkv.reshape(3 * B, N, C), size)  # (3B, C, H, W)
+        segments = qkv.split(s, dim=1)  # 5 x (3B, s, H, W)
+
+        # Group proxies of segments 0-3, then heads: head j = proxy channels [j*d, (j+1)*d).
+        proxies = torch.cat([agg(seg) for agg, seg in zip(self.aggregators, segments)], dim=1)
+        proxies = proxies.reshape(3, B, h, d, N).transpose(-2, -1)  # (3, B, h, N, d)
+        q, k, v = proxies.unbind(0)  # 3 x (B, h, N, d)
+
+        # Attention among proxies of the same kind, plus the position encoding q * DWConv(v).
+        if self.attention == "factorized":
+            out = factorized_attention(q, k, v, self.scale)
+        else:
+            out = softmax_attention(q, k, v, self.scale)
+        out = out + self.crpe(q, v, size)  # (B, h, N, d)
+        out = out.transpose(1, 2).reshape(B, N, h * d)  # (B, N, 4s), channel = head * d + j
+
+        # Segment 4: the non-attention branch, appended as the last s channels.
+        local = self.non_attention_branch(*segments[-1].chunk(3, dim=0))  # (B, N, s)
+        return self.proj(torch.cat([out, local], dim=-1))  # (B, N, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. GMA block, stages and the backbone
+# ----------------------------------------------------------------------------------------------
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GMABlock(nn.Module):
+    """One GMA block (Fig. 3): conv position encoding, then pre-norm GMA and MLP residuals.
+
+        x = x + DWConv3x3(x)                      (CoaT's ConvPosEnc, on the token map)
+        x = x + DropPath(GMA(LayerNorm(x)))
+        x = x + DropPath(MLP(LayerNorm(x)))
+    """
+
+    def __init__(self, dim, mlp_ratio, drop_path, cfg):
+        super().__init__()
+        self.conv_pos_enc = depthwise_conv(dim, 3, cfg.padding_mode, bias=True)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = GroupMixAttention(dim, cfg)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)  # one rate, shared by both residual branches
+
+    def forward(self, x, size):
+        B, N, C = x.shape
+        x = x + map_to_tokens(self.conv_pos_enc(tokens_to_map(x, size)))
+        x = x + self.drop_path(self.attn(self.norm1(x), size))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x  # (B, N, C)
+
+
+class PatchEmbedding(nn.Module):
+    """Start of a stage: separable 3x3 conv (stride 1 or 2) -> BatchNorm -> Hardswish."""
+
+    def __init__(self, in_dim, out_dim, stride, padding_mode):
+        super().__init__()
+        self.depthwise = depthwise_conv(in_dim, 3, padding_mode, stride=stride)
+        self.pointwise = pointwise_conv(in_dim, out_dim)
+        self.norm = nn.BatchNorm2d(out_dim)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        return self.act(self.norm(self.pointwise(self.depthwise(x))))  # (B, C_out, H', W')
+
+
+class Stage(nn.Module):
+    def __init__(self, in_dim, dim, depth, mlp_ratio, stride, drop_paths, cfg):
+        super().__init__()
+        self.patch_embed = PatchEmbedding(in_dim, dim, stride, cfg.padding_mode)
+        self.blocks = nn.ModuleList(GMABlock(dim, mlp_ratio, p, cfg) for p in drop_paths)
+
+    def forward(self, x):
+        x = self.patch_embed(x)  # (B, C, H, W), the grid size read off the conv output
+        B, C, H, W = x.shape
+        x = map_to_tokens(x)  # (B, N, C)
+        for block in self.blocks:
+            x = block(x, (H, W))
+        return tokens_to_map(x, (H, W))  # (B, C, H, W)
+
+
+class ConvStem(nn.Module):
+    """Two 3x3 convs with BatchNorm and Hardswish: the image becomes a C0-channel map (/4)."""
+
+    def __init__(self, in_chans, dim, strides, padding_mode):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, strides[0], 1, padding_mode=padding_mode)
+        self.norm1 = nn.BatchNorm2d(dim // 2)
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, strides[1], 1, padding_mode=padding_mode)
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        x = self.act(self.norm1(self.conv1(x)))
+        return self.act(self.norm2(self.conv2(x)))  # (B, C0, H/4, W/4) with the official strides
+
+
+class GroupMixFormer(nn.Module):
+    """The hierarchical backbone (Sec. 3.3): stem, stages of GMA blocks, BatchNorm, pool, linear."""
+
+    def __init__(self, cfg=None, **overrides):
+        super().__init__()
+        cfg = GroupMixFormerConfig(**{**(asdict(cfg) if cfg else {}), **overrides})
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.dims[-1]
+
+        self.stem = ConvStem(cfg.in_chans, cfg.dims[0], cfg.stem_strides, cfg.padding_mode)
+        # Stochastic depth rises linearly from 0 at the first block to drop_path_rate at the last.
+        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
+        self.stages = nn.ModuleList()
+        in_dims = (cfg.dims[0],) + cfg.dims[:-1]
+        for i, (in_dim, dim, depth) in enumerate(zip(in_dims, cfg.dims, cfg.depths)):
+            first = sum(cfg.depths[:i])
+            self.stages.append(Stage(in_dim, dim, depth, cfg.mlp_ratios[i], cfg.stage_strides[i],
+                                     rates[first:first + depth], cfg))
+        self.head_norm = nn.BatchNorm2d(self.num_features)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.apply(_init_weights)
+
+    # -- the timm-style API ------------------------------------------------------------------
+
+    def forward_stages(self, x):
+        """Every stage's output map, [(B, C_i, H_i, W_i)], for detection/segmentation necks."""
+        self._check_input(x)
+        x = self.stem(x)
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+    def forward_features(self, x):
+        """The final feature map after the head's BatchNorm: (B, num_features, H_last, W_last)."""
+        return self.head_norm(self.forward_stages(x)[-1])
+
+    def forward_head(self, x, pre_logits=False):
+        """Average-pool the final map and classify; pre_logits=True stops before the linear layer."""
+        x = x.mean(dim=(2, 3))  # (B, num_features)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))  # (B, num_classes)
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes):
+        """Replace the classifier by a fresh one with num_classes outputs (0: no classifier)."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes={num_classes!r} must be an integer >= 0")
+        self.num_classes = num_classes
+        self.cfg.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.head.apply(_init_weights)
+        self.head.to(self.head_norm.weight.device, self.head_norm.weight.dtype)
+
+    def _check_input(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"expected a batch of images (B, {self.cfg.in_chans}, H, W), "
+                             f"got a tensor of rank {x.ndim} with shape {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        if C != self.cfg.in_chans:
+            raise ValueError(f"expected {self.cfg.in_chans} input channels, got {C} "
+                             f"(shape {tuple(x.shape)}); set in_chans to change this")
+        if B < 1 or H < 1 or W < 1:
+            raise ValueError(f"input of shape {tuple(x.shape)} is empty")
+        if self.cfg.padding_mode == "circular":
+            # Circular padding wraps around the map, which only works when the map is at least
+            # as large as the padding: the 7x7 windows (padding 3) need grids of 3 x 3 or more.
+            need = max(max(self.cfg.group_sizes), max(k for k, _ in self.cfg.crpe_windows), 3) // 2
+            for stage, (h, w) in enumerate(self.grid_sizes((H, W))):
+                if min(h, w) < need:
+                    raise ValueError(
+                        f"input {H}x{W} leaves a {h}x{w} grid in stage {stage}; with "
+                        f"padding_mode='circular' every stage's grid needs sides >= {need}")
+
+    def grid_sizes(self, image_size):
+        """Token grid (H_i, W_i) of each stage for an input image of size (H, W)."""
+        def after(side, stride):  # a 3x3 conv with padding 1 and this stride
+            return (side - 1) // stride + 1
+
+        h, w = image_size
+        for stride in self.cfg.stem_strides:
+            h, w = after(h, stride), after(w, stride)
+        sizes = []
+        for stride in self.cfg.stage_strides:
+            h, w = after(h, stride), after(w, stride)
+            sizes.append((h, w))
+        return sizes
+
+
+def _init_weights(m):
+    # Official init: truncated normal (std 0.02) for linear weights, zero biases, LayerNorm 1 / 0;
+    # convolutions and BatchNorm keep PyTorch's defaults.
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def param_groups(model, weight_decay):
+    """AdamW parameter groups: decay on weight matrices and kernels, none on biases and 1-D
+    parameters (norm scales), as in the official recipe."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Named variants and the official weights
+# ----------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    # Table 1 of the paper; configs/groupmixformer_*.yaml of the official code. Parameter counts
+    # with 1000 classes: M 5,733,120; T 10,949,152; S 22,421,320; B 45,827,272; L 71,833,648.
+    # The official L config builds 71.8M parameters / 38.3 GMACs, not the paper's 70.3M / 36.1G
+    # (its yaml says "need to adjust"); we follow the code, whose checkpoint it is.
+    "groupmixformer_m": dict(dims=(40, 80, 160, 160), depths=(3, 3, 12, 4),
+                             mlp_ratios=(4, 4, 4, 4), drop_path_rate=0.1),
+    "groupmixformer_t": dict(dims=(80, 160, 200, 240), depths=(4, 4, 12, 4),
+                             mlp_ratios=(4, 4, 4, 4), drop_path_rate=0.1),
+    "groupmixformer_s": dict(dims=(80, 160, 320, 320), depths=(2, 4, 12, 4),
+                             mlp_ratios=(4, 4, 4, 4), drop_path_rate=0.2),
+    "groupmixformer_b": dict(dims=(200, 240, 320, 480), depths=(8, 8, 12, 8),
+                             mlp_ratios=(2, 2, 4, 4), drop_path_rate=0.5),
+    "groupmixformer_l": dict(dims=(240, 320, 360, 480), depths=(8, 10, 30, 10),
+                             mlp_ratios=(4, 4, 2, 2), drop_path_rate=0.1),
+    # CIFAR-10 (32 x 32): the official stem and strides divide by 32 and leave a 1 x 1 grid. This
+    # variant keeps a 16 x 16 grid in its first stage (stem /2), so the 7 x 7 proxies still see a
+    # neighbourhood rather than the padding, and halves the grid twice more: 16 -> 8 -> 4.
+    "groupmixformer_cifar": dict(dims=(80, 160, 320), depths=(2, 3, 2), mlp_ratios=(4, 4, 4),
+                                 stem_strides=(2, 1), stage_strides=(1, 2, 2),
+                                 drop_path_rate=0.1, num_classes=10, img_size=32),
+}
+
+
+def list_models():
+    """Names accepted by create_model()."""
+    return sorted(VARIANTS)
+
+
+def create_model(name, **overrides):
+    """Build a named variant; overrides replace config fields (num_classes, attention, ...)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+    known = {f.name for f in fields(GroupMixFormerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}; GroupMixFormerConfig has {sorted(known)}")
+    return GroupMixFormer(GroupMixFormerConfig(**{**VARIANTS[name], **overrides}))
+
+
+# The official module names, mapped onto ours: (official pattern, our name), applied in order.
+_OFFICIAL_RENAMES = [
+    (r"^conv_stem\.proj(\d)\.", r"stem.conv\1."),
+    (r"^conv_stem\.norm(\d)\.", r"stem.norm\1."),
+    (r"^patch_embed_layers\.(\d+)\.proj\.conv1\.", r"stages.\1.patch_embed.depthwise."),
+    (r"^patch_embed_layers\.(\d+)\.proj\.pointwise_conv\.", r"stages.\1.patch_embed.pointwise."),
+    (r"^patch_embed_layers\.(\d+)\.norm\.", r"stages.\1.patch_embed.norm."),
+    (r"^groupmixformer_backbone\.(\d+)\.gma_stage\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"\.cpe\.proj\.", r".conv_pos_enc."),
+    # "agg0" is the non-attention branch; "agg1".."agg3" with "norm1".."norm3" the aggregators
+    # of segments 1-3; "norm0" alone is the token-level aggregator of segment 0.
+    (r"\.att\.aggregator\.agg0\.conv\.conv1\.", r".attn.non_attention_branch.depthwise."),
+    (r"\.att\.aggregator\.agg0\.conv\.pointwise_conv\.", r".attn.non_attention_branch.pointwise."),
+    (r"\.att\.aggregator\.agg0\.norm\.", r".attn.non_attention_branch.norm."),
+    (r"\.att\.aggregator\.agg(\d)\.conv1\.", r".attn.aggregators.\1.depthwise."),
+    (r"\.att\.aggregator\.agg(\d)\.pointwise_conv\.", r".attn.aggregators.\1.pointwise."),
+    (r"\.att\.aggregator\.norm(\d)\.", r".attn.aggregators.\1.norm."),
+    (r"\.att\.crpe\.conv_list\.", r".attn.crpe.convs."),
+    (r"\.att\.", r".attn."),
+    (r"^norm4\.", r"head_norm."),
+]
+_UNCHANGED_OFFICIAL_NAMES = re.compile(r"head\.(weight|bias)")
+
+
+def _official_to_ours(name):
+    """Our name for an official tensor name, or None if it is not a GroupMixFormer weight."""
+    ours = name
+    for pattern, replacement in _OFFICIAL_RENAMES:
+        ours = re.sub(pattern, replacement, ours)
+    if ours == name and not _UNCHANGED_OFFICIAL_NAMES.fullmatch(name):
+        return None
+    return ours
+
+
+def convert_official_state_dict(checkpoint):
+    """Rename the tensors of an official GroupMixFormer checkpoint to this file's module names.
+
+    Takes the loaded checkpoint file (with or without its "model" key, and with or without the
+    "module." prefix of DistributedDataParallel) and returns a state dict for
+    `GroupMixFormer.load_state_dict(..., strict=True)`. Raises ValueError listing any name it
+    does not know.
+    """
+    state_dict = checkpoint.get("model", checkpoint)
+    converted, unknown = {}, []
+    for name, tensor in state_dict.items():
+        ours = _official_to_ours(name.removeprefix("module."))
+        if ours is None:
+            unknown.append(name)
+        else:
+            converted[ours] = tensor
+    if unknown:
+        raise ValueError(f"{len(unknown)} names are not GroupMixFormer weights: {unknown}")
+    return converted
+
+
+def load_official_weights(model, checkpoint):
+    """Load an official checkpoint into `model`, raising ValueError listing missing/unknown keys."""
+    state_dict = convert_official_state_dict(checkpoint)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                         for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing {missing}, "
+                         f"unexpected {unexpected}, wrong shape {wrong_shape}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# python gmf.py: the variants at a glance
+# ----------------------------------------------------------------------------------------------
+
+def count_flops(model, image_size):
+    """FLOPs (multiply and add counted separately) of one forward pass on one image.
+
+    Counted by torch.utils.flop_counter, which counts matmuls and convolutions only; norms,
+    activations and softmax are left out, as fvcore (used for the paper's numbers) does too.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, model.cfg.in_chans, *image_size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(x)
+    return counter.get_total_flops()
+
+
+def main():
+    print(f"{'model':<22}{'input':>8}{'params':>14}{'GFLOPs':>10}{'GMACs':>9}  stage grids")
+    for name in list_models():
+        model = create_model(name)
+        side = model.cfg.img_size
+        params = sum(p.numel() for p in model.parameters())
+        flops = count_flops(model, (side, side))
+        grids = " ".join(f"{h}x{w}" for h, w in model.grid_sizes((side, side)))
+        print(f"{name:<22}{side:>8}{params:>14,}{flops / 1e9:>10.2f}{flops / 2e9:>9.2f}  {grids}")
+
+
+if __name__ == "__main__":
+    main()
