@@ -11,13 +11,13 @@ neighbourhoods. One more segment skips attention (the non-attention branch). The
 a four-stage hierarchical backbone like a CNN.
 
 Reading guide (file section -> paper):
-  1. Config                         -> Sec. 3.3, Table 1 (model variants)
-  2. Group aggregators              -> Sec. 3.2 (group proxies), Fig. 2
-  3. Non-attention branch           -> Sec. 3.2, the fifth segment
-  4. Attention cores                -> Sec. 3.2 (Eq. of attention), CoaT Sec. 4 (factorized form)
-  5. Group-Mix Attention            -> Sec. 3.2, Fig. 2 (segments, heads, merge)
-  6. GMA block, stages, backbone    -> Sec. 3.3, Fig. 3
-  7. Variants, official weights     -> Table 1; the official repository's checkpoints
+  1. Config                         -> Sec. 3.3 (configurations of the variants)
+  2. Group aggregators              -> Sec. 3.2 (group proxies)
+  3. Non-attention branch           -> Sec. 3.2 (the segment that skips attention)
+  4. Attention cores                -> Sec. 3.1-3.2 and the teaser figure; CoaT (factorized form)
+  5. Group-Mix Attention            -> Sec. 3.2 (segments, heads, merge)
+  6. GMA block, stages, backbone    -> Sec. 3.3 (architecture)
+  7. Variants, official weights     -> Sec. 3.3; the official repository's configs and checkpoints
 
 Differences from the official code (the network computed is the same, weight for weight):
   - names follow the paper; convert_official_state_dict() maps the official names onto ours;
@@ -27,13 +27,11 @@ Differences from the official code (the network computed is the same, weight for
   - `attention="softmax"` adds the paper's explicit N x N attention map as an alternative core;
   - reset_classifier() works (the official one refers to a missing attribute).
 """
-import math
 import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config
@@ -45,7 +43,7 @@ PADDING_MODES = ("zeros", "circular")
 
 @dataclass
 class GroupMixFormerConfig:
-    dims: tuple = (40, 80, 160, 160)  # width C of each stage (Table 1)
+    dims: tuple = (40, 80, 160, 160)  # width C of each stage (Sec. 3.3)
     depths: tuple = (3, 3, 12, 4)  # GMA blocks in each stage
     mlp_ratios: tuple = (4, 4, 4, 4)  # MLP hidden width = ratio * C, per stage
     num_heads: int = 8  # attention heads, spread evenly over the attention segments
@@ -175,8 +173,8 @@ class DropPath(nn.Module):
 class GroupAggregator(nn.Module):
     """Turn one channel segment of Q, K or V into group proxies.
 
-    Every token is replaced by an aggregate of the k x k window around it (Sec. 3.2: "we use a
-    sliding window ... to aggregate the neighbouring tokens"). The official aggregator is a
+    Every token is replaced by an aggregate of the k x k window of tokens around it: a group
+    proxy, one per token position, so proxies line up with tokens. The official aggregator is a
     separable conv (depthwise k x k, then pointwise 1 x 1), BatchNorm and Hardswish. With k = 1
     there is no conv at all: the tokens stay themselves (the paper's "identity" branch) but still
     pass through BatchNorm and Hardswish, as in the official code.
@@ -194,7 +192,7 @@ class GroupAggregator(nn.Module):
     def forward(self, x):
         B, s, H, W = x.shape
         if self.group_size > 1:
-            x = self.pointwise(self.depthwise(x))  # (B, s, H, W): x_ij <- sum of its k x k window
+            x = self.pointwise(self.depthwise(x))  # (B, s, H, W): weighted sums of k x k windows
         return self.act(self.norm(x))
 
     def extra_repr(self):
@@ -248,7 +246,7 @@ def factorized_attention(q, k, v, scale):
 
 
 def softmax_attention(q, k, v, scale):
-    """Standard attention with the explicit N x N map drawn in the paper's Fig. 1 and 2.
+    """Standard attention with the explicit N x N map drawn in the paper's teaser figure.
 
     out = softmax_N'(scale * q @ k^T) @ v, softmax over keys for each query: cost O(N^2 d).
     Here scale is the usual d^-1/2 of the real head width.
@@ -287,7 +285,7 @@ class ConvRelPosEnc(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 class GroupMixAttention(nn.Module):
-    """Group-Mix Attention (Sec. 3.2, Fig. 2).
+    """Group-Mix Attention (Sec. 3.2).
 
     1. Project tokens to Q, K, V (C channels each) and cut each into segments of s = C/5.
     2. Aggregators 0-3 turn segments 0-3 into group proxies of window 1, 3, 5, 7; the same
@@ -363,7 +361,7 @@ class Mlp(nn.Module):
 
 
 class GMABlock(nn.Module):
-    """One GMA block (Fig. 3): conv position encoding, then pre-norm GMA and MLP residuals.
+    """One GMA block (Sec. 3.3): conv position encoding, then pre-norm GMA and MLP residuals.
 
         x = x + DWConv3x3(x)                      (CoaT's ConvPosEnc, on the token map)
         x = x + DropPath(GMA(LayerNorm(x)))
@@ -555,7 +553,7 @@ def param_groups(model, weight_decay):
 # ----------------------------------------------------------------------------------------------
 
 VARIANTS = {
-    # Table 1 of the paper; configs/groupmixformer_*.yaml of the official code. Parameter counts
+    # Sec. 3.3 of the paper; configs/groupmixformer_*.yaml of the official code. Parameter counts
     # with 1000 classes: M 5,733,120; T 10,949,152; S 22,421,320; B 45,827,272; L 71,833,648.
     # The official L config builds 71.8M parameters / 38.3 GMACs, not the paper's 70.3M / 36.1G
     # (its yaml says "need to adjust"); we follow the code, whose checkpoint it is.
@@ -579,8 +577,8 @@ VARIANTS = {
 
 
 def list_models():
-    """Names accepted by create_model()."""
-    return sorted(VARIANTS)
+    """Names accepted by create_model(), smallest official variant first."""
+    return list(VARIANTS)
 
 
 def create_model(name, **overrides):
@@ -669,24 +667,29 @@ def load_official_weights(model, checkpoint):
 # ----------------------------------------------------------------------------------------------
 
 def count_flops(model, image_size):
-    """FLOPs (multiply and add counted separately) of one forward pass on one image.
+    """FLOPs (multiply and add counted separately) of one forward pass on one image, in eval mode.
 
     Counted by torch.utils.flop_counter, which counts matmuls and convolutions only; norms,
     activations and softmax are left out, as fvcore (used for the paper's numbers) does too.
+    A model on the "meta" device is counted without computing anything.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(1, model.cfg.in_chans, *image_size)
+    device = next(model.parameters()).device
+    x = torch.zeros(1, model.cfg.in_chans, *image_size, device=device)
+    was_training = model.training
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model.eval()(x)
+    model.train(was_training)
     return counter.get_total_flops()
 
 
 def main():
     print(f"{'model':<22}{'input':>8}{'params':>14}{'GFLOPs':>10}{'GMACs':>9}  stage grids")
     for name in list_models():
-        model = create_model(name)
+        with torch.device("meta"):  # shapes only: no memory, no arithmetic
+            model = create_model(name)
         side = model.cfg.img_size
         params = sum(p.numel() for p in model.parameters())
         flops = count_flops(model, (side, side))
