@@ -111,8 +111,8 @@ class GroupMixFormerConfig:
             fail(f"dims[0]={self.dims[0]} must be at least 2 (the stem's first conv has dims[0] // 2)")
         if sum(heads for _, heads in self.crpe_windows) != self.num_heads:
             fail(f"crpe_windows={self.crpe_windows} must assign exactly num_heads={self.num_heads} heads")
-        if any(k < 1 or k % 2 == 0 or heads < 0 for k, heads in self.crpe_windows):
-            fail(f"crpe_windows={self.crpe_windows} must pair odd positive kernels with head counts >= 0")
+        if any(k < 1 or k % 2 == 0 or heads < 1 for k, heads in self.crpe_windows):
+            fail(f"crpe_windows={self.crpe_windows} must pair odd positive kernels with head counts >= 1")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             fail(f"num_classes={self.num_classes} must be an integer >= 0")
         if not isinstance(self.in_chans, int) or self.in_chans < 1:
