@@ -1029,3 +1029,187 @@ def test_even_or_non_positive_group_sizes_raise_value_error(group_sizes):
     """A window without a centre token (even) or empty cannot make a proxy per token."""
     with pytest.raises(ValueError, match="group_sizes"):
         gmf.GroupMixFormerConfig(group_sizes=tuple(group_sizes))
+
+
+# ==============================================================================================
+# train_cifar.py, on tiny synthetic data
+# ==============================================================================================
+
+import errno  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+
+import train_cifar  # noqa: E402
+
+TINY_RUN = ["--synthetic", "--subset", "96", "--val-size", "48", "--batch-size", "32", "--epochs", "2",
+            "--device", "cpu", "--warmup-epochs", "1"]
+
+
+def run_trainer(argv, capsys=None):
+    status = train_cifar.main(argv)
+    return status, (capsys.readouterr() if capsys else None)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")} for row in rows]
+
+
+def test_a_training_run_writes_config_metrics_checkpoints_and_final_results(tmp_path, capsys):
+    """A run writes config.json, one metrics line per epoch, loadable checkpoints and final.json."""
+    out = str(tmp_path / "run")
+    status, printed = run_trainer(TINY_RUN + ["--out", out], capsys)
+    assert status == 0, printed.err
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                            "epoch_seconds", "images_per_second"}
+    final = json.load(open(os.path.join(out, "final.json")))
+    assert 0 <= final["test_acc"] <= 100 and final["epochs"] == 2 and final["parameters"] > 0
+    assert {"val_acc", "train_seconds", "device", "torch", "command"} <= set(final)
+    assert json.load(open(os.path.join(out, "config.json")))["subset"] == 96
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(os.path.join(out, name), weights_only=True)
+        model = gmf.create_model("groupmixformer_cifar")
+        model.load_state_dict(checkpoint["model"])
+    assert "test accuracy" in printed.out and "warning: no GPU" in printed.err
+
+
+def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path, monkeypatch, capsys):
+    """Resuming restores weights, optimizer, schedule, step and every RNG: identical metrics."""
+    straight = str(tmp_path / "straight")
+    assert run_trainer(TINY_RUN + ["--out", straight]) == (0, None)
+
+    interrupted = str(tmp_path / "interrupted")
+    save = train_cifar.save_atomically
+
+    def save_then_interrupt(obj, path):
+        save(obj, path)
+        if path.endswith("last.pt"):
+            raise KeyboardInterrupt  # as if Ctrl-C came right after epoch 1's checkpoint
+
+    monkeypatch.setattr(train_cifar, "save_atomically", save_then_interrupt)
+    status, printed = run_trainer(TINY_RUN + ["--out", interrupted], capsys)
+    assert status == 130 and "--resume" in printed.err
+    assert [r["epoch"] for r in metrics(interrupted)] == [1]
+    monkeypatch.setattr(train_cifar, "save_atomically", save)
+    assert run_trainer(["--resume", "auto", "--out", interrupted, "--device", "cpu"]) == (0, None)
+
+    assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
+    finals = [json.load(open(os.path.join(d, "final.json"))) for d in (straight, interrupted)]
+    assert finals[0]["test_acc"] == finals[1]["test_acc"] and finals[0]["test_loss"] == finals[1]["test_loss"]
+
+
+def test_without_data_or_network_the_script_says_what_to_do_in_one_line(tmp_path):
+    """No data and no download: exit status 2 and one line naming --data-dir and --synthetic."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "train_cifar.py"), "--data-dir",
+                             str(tmp_path), "--no-download", "--device", "cpu", "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "--data-dir" in errors[0] and "--synthetic" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_failed_download_gives_the_same_one_line_error(tmp_path, monkeypatch, capsys):
+    """When downloading fails (no network), the error names the offline options, no traceback."""
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    status, printed = run_trainer(["--data-dir", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "o")],
+                                  capsys)
+    assert status == 2 and "network is unreachable" in printed.err and "--synthetic" in printed.err
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A NaN loss in epoch 2 stops the run with exit status 3; last.pt still holds epoch 1."""
+    out = str(tmp_path / "run")
+    loss_function = train_cifar.loss_function
+    steps = []
+
+    def nan_in_epoch_2(logits, targets, smoothing):
+        steps.append(1)
+        loss = loss_function(logits, targets, smoothing)
+        return loss * float("nan") if len(steps) > 3 else loss  # 3 steps per epoch
+
+    monkeypatch.setattr(train_cifar, "loss_function", nan_in_epoch_2)
+    status, printed = run_trainer(TINY_RUN + ["--out", out], capsys)
+    assert status == 3 and "nan" in printed.err and "last.pt" in printed.err
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1
+
+
+def test_a_corrupt_checkpoint_gives_a_clear_error(tmp_path, capsys):
+    """A damaged checkpoint is named in a one-line error with exit status 2."""
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"not a checkpoint")
+    status, printed = run_trainer(["--resume", str(path), "--device", "cpu"], capsys)
+    assert status == 2 and str(path) in printed.err and "damaged" in printed.err
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """If writing a checkpoint fails, the error is one line and the old file is left intact."""
+    path = str(tmp_path / "last.pt")
+    train_cifar.save_atomically({"epoch": 1}, path)
+
+    def disk_full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(train_cifar.UserError, match="No space left"):
+        train_cifar.save_atomically({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_image_folder_and_cifar_pickle_layouts_load(tmp_path):
+    """--data-dir reads an ImageFolder tree (labels = sorted class folders) and the pickle layout."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label, name in enumerate(["cat", "airplane"]):  # sorted: airplane = 0, cat = 1
+            os.makedirs(tmp_path / "folder" / split / name)
+            pixels = torch.full((32, 32, 3), 100 * label, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "folder" / split / name / "0.png")
+    args = train_cifar.parse_args(["--data-dir", str(tmp_path / "folder")])
+    images, labels, test_images, test_labels = train_cifar.load_data(args)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 1] and images[0].max() == 100 and images[1].max() == 0
+
+    folder = tmp_path / "pickles" / "cifar-10-batches-py"
+    os.makedirs(folder)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": torch.arange(2 * 3072).remainder(256).reshape(2, 3072).to(torch.uint8).numpy(),
+                         "labels": [3, 7]}, f)
+    args = train_cifar.parse_args(["--data-dir", str(tmp_path / "pickles"), "--no-download"])
+    images, labels, test_images, test_labels = train_cifar.load_data(args)
+    assert images.shape == (10, 3, 32, 32) and test_labels.tolist() == [3, 7]
+    assert images[0, 0, 0, :3].tolist() == [0, 1, 2]  # rows of R, then G, then B, as CIFAR stores them
+
+
+@given(seed=seeds)
+def test_augmentation_crops_are_shifted_windows_of_the_padded_image(seed):
+    """Each augmented image is a 32 x 32 window of its reflect-padded original, maybe mirrored."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    crops = train_cifar.random_crop_flip(images, torch.Generator().manual_seed(seed))
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
+    for image, crop in zip(padded, crops):
+        windows = [image[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+        assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(2)) for w in windows)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    """The schedule rises linearly over the warm-up and follows a cosine down to zero."""
+    factors = [train_cifar.lr_factor(step, 10, 110) for step in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.5) and factors[-1] < 1e-3
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
