@@ -586,6 +586,58 @@ def test_outputs_are_finite(attention, scale, mode, seed):
     assert torch.isfinite(model(x)).all()
 
 
+def test_drop_path_drops_whole_samples_and_rescales_the_survivors():
+    """In training, DropPath zeroes a sample's whole branch with probability p and scales the kept
+    ones by 1/(1-p), so the expected output is the input; in eval it is the identity."""
+    drop = gmf.DropPath(0.5).train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(4096, 3, 5))
+    per_sample = out.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 2.0).all(1)).all()  # all or nothing, kept x 2
+    kept = (per_sample[:, 0] > 0).double().mean().item()
+    assert abs(kept - 0.5) < 4 * math.sqrt(0.25 / 4096)  # within four standard errors
+    assert torch.equal(drop.eval()(torch.ones(3, 2)), torch.ones(3, 2))
+
+
+def test_one_drop_path_serves_both_residual_branches_of_a_block():
+    """With the branches dropped, a training block is x + DWConv(x): the drop applies to GMA and MLP."""
+    cfg = gmf.GroupMixFormerConfig(dims=(10,), depths=(1,), mlp_ratios=(1,), stage_strides=(1,),
+                                   num_heads=4, crpe_windows=((3, 1), (5, 3)))
+    block = gmf.GMABlock(10, 1, 0.5, cfg).double().train()
+    block.drop_path.forward = lambda branch: torch.zeros_like(branch)  # every sample dropped
+    x = random_tensor(0, 2, 6, 10)
+    x_map = x.transpose(1, 2).reshape(2, 10, 2, 3)
+    expected = x + block.conv_pos_enc(x_map).reshape(2, 10, 6).transpose(1, 2)
+    torch.testing.assert_close(block(x, (2, 3)), expected, rtol=0, atol=ATOL)
+
+
+def test_initialisation_follows_the_official_code():
+    """Linear weights: truncated normal, std 0.02, within +-2 (official init); biases zero; norms 1/0;
+    BatchNorm momentum 0.1 (PyTorch's default, as officially). A reset classifier is initialised alike."""
+    torch.manual_seed(0)
+    model = gmf.create_model("groupmixformer_m")
+    model.reset_classifier(7)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert module.bias is None or torch.all(module.bias == 0), name
+            if module.weight.numel() >= 1000:
+                assert 0.016 < module.weight.std().item() < 0.024, name
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.momentum == 0.1 and module.eps == 1e-5, name
+    assert model.head.weight.shape == (7, 160) and 0.016 < model.head.weight.std().item() < 0.024
+
+
+def test_qkv_bias_can_be_switched_off():
+    """qkv_bias=False removes the Q/K/V bias: 3C parameters fewer per block."""
+    with_bias = gmf.create_model("groupmixformer_cifar")
+    without = gmf.create_model("groupmixformer_cifar", qkv_bias=False)
+    assert without.stages[0].blocks[0].attn.qkv.bias is None
+    per_block = sum(3 * c * d for c, d in zip(with_bias.cfg.dims, with_bias.cfg.depths))
+    assert sum(p.numel() for p in with_bias.parameters()) - sum(p.numel() for p in without.parameters()) == per_block
+
+
 def test_same_seed_same_output():
     """Two models built under the same seed are identical and compute identical outputs."""
     outputs = []
