@@ -1139,7 +1139,7 @@ def test_a_training_run_writes_config_metrics_checkpoints_and_final_results(tmp_
                             "epoch_seconds", "images_per_second"}
     final = json.load(open(os.path.join(out, "final.json")))
     assert 0 <= final["test_acc"] <= 100 and final["epochs"] == 2 and final["parameters"] > 0
-    assert {"val_acc", "train_seconds", "device", "torch", "command"} <= set(final)
+    assert {"val_acc", "train_seconds", "wall_seconds", "device", "torch", "command"} <= set(final)
     assert json.load(open(os.path.join(out, "config.json")))["subset"] == 96
     for name in ("last.pt", "best.pt"):
         checkpoint = torch.load(os.path.join(out, name), weights_only=True)
@@ -1274,6 +1274,19 @@ def test_augmentation_crops_are_shifted_windows_of_the_padded_image(seed):
     for image, crop in zip(padded, crops):
         windows = [image[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
         assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(2)) for w in windows)
+
+
+def test_the_compile_warm_up_leaves_weights_statistics_and_rng_as_they_were():
+    """The untimed warm-up pass (for --compile) must not change the run: state and RNG restored."""
+    model = tiny_model(num_classes=10, drop_path_rate=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    rng = torch.get_rng_state()
+    train_cifar.compile_untimed(model, model, images, lambda: torch.autocast("cpu", enabled=False))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

@@ -349,6 +349,7 @@ def pick_device(choice):
 
 
 def train(args):
+    wall_started = time.perf_counter()
     resume_path = find_resume_checkpoint(args) if args.resume else None
     if args.resume and args.resume != "auto" and resume_path is None:
         raise UserError(f"no checkpoint at {args.resume}")
@@ -377,6 +378,10 @@ def train(args):
     val_images, val_labels = val_images.to(device), val_labels.to(device)
     test_images, test_labels = test_images.to(device), test_labels.to(device)
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = build_model(config, device)
     params = sum(p.numel() for p in model.parameters())
     forward = torch.compile(model) if run_args.compile else model
@@ -411,6 +416,9 @@ def train(args):
           f"{'lr':>9} {'seconds':>8} {'img/s':>8}")
     for row in history:
         print_row(row)
+
+    if run_args.compile and start_epoch <= run_args.epochs:
+        compile_untimed(forward, model, train_images[:run_args.batch_size], autocast)
 
     train_seconds = sum(row["epoch_seconds"] for row in history)
     for epoch in range(start_epoch, run_args.epochs + 1):
@@ -480,13 +488,33 @@ def train(args):
     final = dict(test_acc=test_acc, test_loss=test_loss,
                  val_acc=history[-1]["val_acc"] if history else None,
                  best_val_acc=best_val if history else None, epochs=run_args.epochs,
-                 train_seconds=train_seconds, device=device_name(device), torch=torch.__version__,
+                 train_seconds=train_seconds, wall_seconds=time.perf_counter() - wall_started,
+                 device=device_name(device), torch=torch.__version__,
                  parameters=params, model=run_args.model, command=" ".join(sys.argv))
     write_json(os.path.join(out, "final.json"), final)
     plot_curves(out, history)
     print(f"test accuracy {test_acc:.2f}% (final weights, evaluated once) | training "
-          f"{train_seconds:.1f} s | results in {out}")
+          f"{train_seconds:.1f} s, whole run {final['wall_seconds']:.1f} s | results in {out}")
     return final
+
+
+def compile_untimed(forward, model, images, autocast):
+    """Compile outside the timed epochs: one training and one eval pass, then restore the state
+    (weights, BatchNorm statistics, RNG) so that the run is the same as without the warm-up."""
+    print("compiling the model (not counted in the epoch times) ...", flush=True)
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    model.train()
+    with autocast():
+        forward(normalize(images)).float().sum().backward()
+    model.eval()
+    with torch.no_grad(), autocast():
+        forward(normalize(images))
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
 
 
 def device_name(device):
