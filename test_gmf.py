@@ -74,18 +74,18 @@ def gelu(x):
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 
 
-def batch_norm(x, bn):
+def batch_norm(x, bn, eps=1e-5):
     """BatchNorm2d in eval mode on (..., C, H, W), from its running statistics."""
     shape = (-1, 1, 1)
-    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + eps)
             * bn.weight.view(shape) + bn.bias.view(shape))
 
 
-def layer_norm(x, ln):
+def layer_norm(x, ln, eps):
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * gamma + beta."""
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+    return (x - mean) / torch.sqrt(var + eps) * ln.weight + ln.bias
 
 
 def linear(x, layer):
@@ -93,14 +93,14 @@ def linear(x, layer):
     return out + layer.bias if layer.bias is not None else out
 
 
-def naive_depthwise_conv(x, weight, bias, padding_mode):
+def naive_depthwise_conv(x, weight, bias, padding_mode, k):
     """Depthwise k x k conv on (..., C, H, W), one loop per window offset and output position.
 
     out[c, i, j] = bias[c] + sum_{dy, dx} w[c, dy, dx] * x[c, i + dy - k//2, j + dx - k//2],
     where positions outside the grid read 0 ("zeros") or wrap around ("circular").
     """
     *_, C, H, W = x.shape
-    k = weight.shape[-1]
+    assert weight.shape[-2:] == (k, k), f"expected a {k}x{k} kernel, the module has {tuple(weight.shape[-2:])}"
     r = k // 2
     out = torch.zeros_like(x)
     for i in range(H):
@@ -128,10 +128,10 @@ def naive_pointwise_conv(x, weight):
     return out
 
 
-def naive_group_aggregation(x, aggregator, padding_mode):
+def naive_group_aggregation(x, aggregator, k, padding_mode):
     """Group proxies of one segment (..., s, H, W): k x k window sums, 1x1 mix, BN, Hardswish."""
-    if aggregator.group_size > 1:
-        x = naive_depthwise_conv(x, aggregator.depthwise.weight, None, padding_mode)
+    if k > 1:
+        x = naive_depthwise_conv(x, aggregator.depthwise.weight, None, padding_mode, k)
         x = naive_pointwise_conv(x, aggregator.pointwise.weight)
     return hardswish(batch_norm(x, aggregator.norm))
 
@@ -178,7 +178,8 @@ def naive_crpe(q, v, size, crpe, windows, padding_mode):
         conv = crpe.convs[group]
         channels = slice(index_in_group * d, (index_in_group + 1) * d)
         v_map = v[:, head].transpose(1, 2).reshape(B, d, H, W)  # token n = (n // W, n % W)
-        conv_v = naive_depthwise_conv(v_map, conv.weight[channels], conv.bias[channels], padding_mode)
+        conv_v = naive_depthwise_conv(v_map, conv.weight[channels], conv.bias[channels], padding_mode,
+                                      windows[group][0])
         out[:, head] = q[:, head] * conv_v.reshape(B, d, N).transpose(1, 2)
     return out
 
@@ -186,11 +187,11 @@ def naive_crpe(q, v, size, crpe, windows, padding_mode):
 def naive_non_attention_branch(q4, k4, v4, branch, padding_mode):
     """Per sample: [Q4 | K4 | V4] -> depthwise 3x3 -> 1x1 -> LayerNorm over channels -> Hardswish."""
     x = torch.cat([q4, k4, v4], dim=1)  # (B, 3s, H, W)
-    x = naive_depthwise_conv(x, branch.depthwise.weight, None, padding_mode)
+    x = naive_depthwise_conv(x, branch.depthwise.weight, None, padding_mode, 3)
     x = naive_pointwise_conv(x, branch.pointwise.weight)
     B, s, H, W = x.shape
     tokens = x.reshape(B, s, H * W).transpose(1, 2)
-    return hardswish(layer_norm(tokens, branch.norm))  # (B, N, s)
+    return hardswish(layer_norm(tokens, branch.norm, eps=1e-5))  # (B, N, s); the blocks use 1e-6
 
 
 def naive_gma(x, size, gma, cfg):
@@ -204,8 +205,8 @@ def naive_gma(x, size, gma, cfg):
     maps = [qkv[..., i * C:(i + 1) * C].transpose(1, 2).reshape(B, C, H, W) for i in range(3)]
     proxies = []  # per Q, K, V: the concatenated group proxies of segments 0..A-1
     for m in maps:
-        parts = [naive_group_aggregation(m[:, i * s:(i + 1) * s], gma.aggregators[i], cfg.padding_mode)
-                 for i in range(len(cfg.group_sizes))]
+        parts = [naive_group_aggregation(m[:, i * s:(i + 1) * s], gma.aggregators[i], k, cfg.padding_mode)
+                 for i, k in enumerate(cfg.group_sizes)]
         proxies.append(torch.cat(parts, dim=1).reshape(B, h, d, N).transpose(2, 3))  # (B, h, N, d)
     q, k, v = proxies
     if cfg.attention == "factorized":
@@ -225,9 +226,9 @@ def naive_block(x, size, block, cfg):
     H, W = size
     x_map = x.transpose(1, 2).reshape(B, C, H, W)
     conv = block.conv_pos_enc
-    x = x + naive_depthwise_conv(x_map, conv.weight, conv.bias, cfg.padding_mode).reshape(B, C, N).transpose(1, 2)
-    x = x + naive_gma(layer_norm(x, block.norm1), size, block.attn, cfg)
-    return x + linear(gelu(linear(layer_norm(x, block.norm2), block.mlp.fc1)), block.mlp.fc2)
+    x = x + naive_depthwise_conv(x_map, conv.weight, conv.bias, cfg.padding_mode, 3).reshape(B, C, N).transpose(1, 2)
+    x = x + naive_gma(layer_norm(x, block.norm1, eps=1e-6), size, block.attn, cfg)
+    return x + linear(gelu(linear(layer_norm(x, block.norm2, eps=1e-6), block.mlp.fc1)), block.mlp.fc2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,8 +333,8 @@ def test_group_aggregators_equal_the_window_loop(data, seed):
     H, W = data.draw(grid_strategy(cfg))
     gma = gma_layer(cfg, seed)
     x = random_tensor(seed, 2, gma.segment, H, W)
-    for aggregator in gma.aggregators:
-        torch.testing.assert_close(aggregator(x), naive_group_aggregation(x, aggregator, cfg.padding_mode),
+    for aggregator, k in zip(gma.aggregators, cfg.group_sizes):
+        torch.testing.assert_close(aggregator(x), naive_group_aggregation(x, aggregator, k, cfg.padding_mode),
                                    rtol=0, atol=ATOL)
 
 
