@@ -1290,6 +1290,15 @@ def test_the_compile_warm_up_leaves_weights_statistics_and_rng_as_they_were():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),
+                                         ("--val-size", "-5"), ("--cutmix", "2")])
+def test_impossible_training_options_are_refused(flag, value, capsys):
+    """Options that cannot describe a run stop the script with exit status 2, naming the option."""
+    with pytest.raises(SystemExit) as stop:
+        train_cifar.parse_args([flag, value])
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     """The schedule rises linearly over the warm-up and follows a cosine down to zero."""
     factors = [train_cifar.lr_factor(step, 10, 110) for step in range(110)]

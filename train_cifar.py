@@ -78,7 +78,18 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
     run.add_argument("--resume", default=None, help="a last.pt to continue from, or 'auto' for OUT/last.pt")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    for name in ("subset", "val_size", "warmup_epochs", "grad_clip", "weight_decay", "label_smoothing"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must not be negative")
+    if not args.lr > 0:
+        p.error(f"--lr {args.lr} must be positive")
+    if not 0 <= args.cutmix <= 1 or not 0 <= args.ema < 1:
+        p.error(f"--cutmix {args.cutmix} must lie in [0, 1] and --ema {args.ema} in [0, 1)")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +168,7 @@ def load_image_folder(folder):
     return torch.stack(images), torch.tensor([label for _, label in files])
 
 
-def synthetic_cifar(seed, train=2000, test=500):
+def synthetic_cifar(seed, train=10000, test=2000):
     """Ten classes of noisy images, each class a smooth colour pattern: learnable, and file-free."""
     g = torch.Generator().manual_seed(seed)
     prototypes = F.interpolate(torch.rand(10, 3, 4, 4, generator=g), size=32, mode="bilinear")
