@@ -1149,6 +1149,23 @@ def test_a_training_run_writes_config_metrics_checkpoints_and_final_results(tmp_
     assert "test accuracy" in printed.out and "warning: no GPU" in printed.err
 
 
+def test_the_long_run_options_train_and_checkpoint(tmp_path, capsys):
+    """Cutmix, an EMA of the weights and flip test-time augmentation run and are checkpointed."""
+    out = str(tmp_path / "run")
+    one_epoch = [a if a != "2" else "1" for a in TINY_RUN]
+    status, printed = run_trainer(one_epoch + ["--out", out, "--cutmix", "1.0", "--ema", "0.9", "--tta"], capsys)
+    assert status == 0, printed.err
+    checkpoint = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert checkpoint["ema"].keys() == checkpoint["model"].keys()
+    assert not torch.equal(checkpoint["ema"]["head.weight"], checkpoint["model"]["head.weight"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not os.path.exists(os.path.join(out, "curves.png"))  # optional: skipped quietly
+    else:
+        assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+
+
 def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path, monkeypatch, capsys):
     """Resuming restores weights, optimizer, schedule, step and every RNG: identical metrics."""
     straight = str(tmp_path / "straight")

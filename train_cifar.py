@@ -168,7 +168,7 @@ def load_image_folder(folder):
     return torch.stack(images), torch.tensor([label for _, label in files])
 
 
-def synthetic_cifar(seed, train=10000, test=2000):
+def synthetic_cifar(seed, train=10000, test=500):
     """Ten classes of noisy images, each class a smooth colour pattern: learnable, and file-free."""
     g = torch.Generator().manual_seed(seed)
     prototypes = F.interpolate(torch.rand(10, 3, 4, 4, generator=g), size=32, mode="bilinear")
