@@ -29,6 +29,8 @@ Parts, in reading order (GMF_HYPOTHESIS=thorough draws many more examples of eac
 6. Bad input: impossible configs and inputs raise ValueError naming the value and the rule.
 7. train_cifar.py on tiny synthetic data: a run, an exact resume, the offline error, a NaN stop, a
    corrupt checkpoint, a full disk, the data layouts, augmentation and schedule.
+8. tutorial.md: every Python block runs and prints what the tutorial says it prints, and every
+   gmf.py name and test it cites exists. Blocks fenced as "python slow" run with GMF_SLOW=1.
 """
 import errno
 import functools
@@ -36,6 +38,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zlib
@@ -1032,7 +1035,7 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("overrides, named", BAD_CONFIGS)
 def test_impossible_configs_raise_value_error_naming_the_value(overrides, named):
     """An impossible config raises ValueError at construction, naming the offending value."""
-    with pytest.raises(ValueError, match=__import__("re").escape(named)):
+    with pytest.raises(ValueError, match=re.escape(named)):
         gmf.create_model("groupmixformer_m", **overrides)
 
 
@@ -1322,3 +1325,59 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[60] == pytest.approx(0.5) and factors[-1] < 1e-3
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+
+
+# ==============================================================================================
+# 8. tutorial.md stays true
+# ==============================================================================================
+
+TUTORIAL = os.path.join(HERE, "tutorial.md")
+
+
+def tutorial_blocks():
+    """(line number, is_slow, code) of every ```python block in tutorial.md, indented ones too."""
+    blocks, lines = [], open(TUTORIAL).read().split("\n")
+    i = 0
+    while i < len(lines):
+        fence = lines[i].strip()
+        if fence.startswith("```python"):
+            indent = len(lines[i]) - len(lines[i].lstrip())
+            start, i = i + 1, i + 1
+            while lines[i].strip() != "```":
+                i += 1
+            code = "\n".join(line[indent:] for line in lines[start:i])
+            blocks.append(pytest.param(code, marks=[pytest.mark.slow] if fence.endswith("slow") else [],
+                                       id=f"line{start}"))
+        i += 1
+    return blocks
+
+
+def expected_output(code):
+    """The comment lines that end a block: what it prints, one '# ' line per printed line."""
+    expected = []
+    for line in reversed(code.rstrip().split("\n")):
+        if not line.startswith("#"):
+            break
+        expected.insert(0, line[2:])
+    return expected
+
+
+@pytest.mark.parametrize("code", tutorial_blocks())
+def test_tutorial_block_runs_and_prints_what_it_says(code, tmp_path, monkeypatch, capsys):
+    """Each Python block of tutorial.md runs (in a scratch folder) and prints its documented output."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(gmf.VARIANTS, "_unused", {})  # restores gmf.VARIANTS after the block
+    exec(compile(code, TUTORIAL, "exec"), {"__name__": "tutorial"})
+    printed = capsys.readouterr().out.rstrip("\n").split("\n")
+    expected = expected_output(code)
+    if expected:
+        assert printed == expected
+
+
+def test_tutorial_cites_only_names_that_exist():
+    """Every gmf.<name>, every `CamelCase` class and every `test_...` the tutorial cites exists."""
+    text = open(TUTORIAL).read()
+    missing = [n for n in re.findall(r"gmf\.(?!py\b)(\w+)", text) if not hasattr(gmf, n)]
+    missing += [n for n in re.findall(r"`([A-Z][A-Za-z]+)(?:\.\w+)?`", text) if not hasattr(gmf, n)]
+    missing += [n for n in re.findall(r"`(test_\w+)`", text) if n not in globals()]
+    assert not missing, f"tutorial.md cites names that do not exist: {missing}"
