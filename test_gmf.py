@@ -1364,9 +1364,12 @@ def expected_output(code):
 
 @pytest.mark.parametrize("code", tutorial_blocks())
 def test_tutorial_block_runs_and_prints_what_it_says(code, tmp_path, monkeypatch, capsys):
-    """Each Python block of tutorial.md runs (in a scratch folder) and prints its documented output."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(gmf.VARIANTS, "_unused", {})  # restores gmf.VARIANTS after the block
+    """Each Python block of tutorial.md runs (in a scratch folder) and prints its documented output.
+
+    With GMF_WRITE_FIGURES=1 the blocks run in the repository, so the figures they draw replace
+    those in figures/."""
+    monkeypatch.chdir(HERE if os.environ.get("GMF_WRITE_FIGURES") == "1" else tmp_path)
+    monkeypatch.setattr(gmf, "VARIANTS", dict(gmf.VARIANTS))  # variants a block adds go away after it
     exec(compile(code, TUTORIAL, "exec"), {"__name__": "tutorial"})
     printed = capsys.readouterr().out.rstrip("\n").split("\n")
     expected = expected_output(code)
