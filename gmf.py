@@ -107,8 +107,6 @@ class GroupMixFormerConfig:
             if segment % heads_per_segment:
                 fail(f"stage width {c}: segment width {segment} must split into {heads_per_segment} "
                      f"heads per segment (num_heads={self.num_heads})")
-        if self.dims[0] < 2:
-            fail(f"dims[0]={self.dims[0]} must be at least 2 (the stem's first conv has dims[0] // 2)")
         if sum(heads for _, heads in self.crpe_windows) != self.num_heads:
             fail(f"crpe_windows={self.crpe_windows} must assign exactly num_heads={self.num_heads} heads")
         if any(k < 1 or k % 2 == 0 or heads < 1 for k, heads in self.crpe_windows):
@@ -400,7 +398,9 @@ class PatchEmbedding(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, in_dim, dim, depth, mlp_ratio, stride, drop_paths, cfg):
+    """A patch embedding, then one GMA block per drop-path rate, all at one grid size."""
+
+    def __init__(self, in_dim, dim, mlp_ratio, stride, drop_paths, cfg):
         super().__init__()
         self.patch_embed = PatchEmbedding(in_dim, dim, stride, cfg.padding_mode)
         self.blocks = nn.ModuleList(GMABlock(dim, mlp_ratio, p, cfg) for p in drop_paths)
@@ -447,7 +447,7 @@ class GroupMixFormer(nn.Module):
         in_dims = (cfg.dims[0],) + cfg.dims[:-1]
         for i, (in_dim, dim, depth) in enumerate(zip(in_dims, cfg.dims, cfg.depths)):
             first = sum(cfg.depths[:i])
-            self.stages.append(Stage(in_dim, dim, depth, cfg.mlp_ratios[i], cfg.stage_strides[i],
+            self.stages.append(Stage(in_dim, dim, cfg.mlp_ratios[i], cfg.stage_strides[i],
                                      rates[first:first + depth], cfg))
         self.head_norm = nn.BatchNorm2d(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
