@@ -555,7 +555,7 @@ def param_groups(model, weight_decay):
 VARIANTS = {
     # Sec. 3.3 of the paper; configs/groupmixformer_*.yaml of the official code. Parameter counts
     # with 1000 classes: M 5,733,120; T 10,949,152; S 22,421,320; B 45,827,272; L 71,833,648.
-    # The official L config builds 71.8M parameters / 38.3 GMACs, not the paper's 70.3M / 36.1G
+    # The official L config builds 71.8M parameters / 38.25 GMACs, not the paper's 70.3M / 36.1G
     # (its yaml says "need to adjust"); we follow the code, whose checkpoint it is.
     "groupmixformer_m": dict(dims=(40, 80, 160, 160), depths=(3, 3, 12, 4),
                              mlp_ratios=(4, 4, 4, 4), drop_path_rate=0.1),
@@ -677,9 +677,10 @@ def load_official_weights(model, checkpoint):
 def count_flops(model, image_size):
     """FLOPs (multiply and add counted separately) of one forward pass on one image, in eval mode.
 
-    Counted by torch.utils.flop_counter, which counts matmuls and convolutions only; norms,
-    activations and softmax are left out, as fvcore (used for the paper's numbers) does too.
-    A model on the "meta" device is counted without computing anything.
+    Counted by torch.utils.flop_counter, which counts matmuls and convolutions only: norms,
+    pooling, activations and softmax are left out, so the results lie about 1% below the
+    official GMACs (whose counter includes norms and pooling). A model on the "meta" device is
+    counted without computing anything.
     """
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -1,7 +1,7 @@
 """Train a scaled-down GroupMixFormer on CIFAR-10, from scratch, on one GPU (or a CPU).
 
     python train_cifar.py                                   # GPU: download CIFAR-10 to ./data, train, test
-    python train_cifar.py --data-dir ../shared/cifar10-jpeg # offline: an ImageFolder tree (train/, test/)
+    python train_cifar.py --data-dir path/to/cifar10-jpeg   # offline: an ImageFolder tree (train/, test/)
     python train_cifar.py --device cpu --subset 2000 --epochs 1 --val-size 500   # CPU smoke run
     python train_cifar.py --synthetic --epochs 1            # the whole pipeline, no files needed
     python train_cifar.py --resume auto --out runs/mine     # continue an interrupted run
@@ -112,7 +112,7 @@ def load_data(args):
 
 def no_data_message(root, why):
     return (f"no CIFAR-10 in {root!r} {why}. Give --data-dir a folder holding cifar-10-batches-py/ "
-            "or an ImageFolder tree with train/ and test/ (such as ../shared/cifar10-jpeg), "
+            "or an ImageFolder tree with train/<class>/ and test/<class>/ image folders, "
             "or run --synthetic to try the pipeline without data")
 
 
