@@ -440,7 +440,7 @@ def train(args):
         order = torch.randperm(len(train_images), device=device, generator=generator)
         for i in range(steps_per_epoch):
             index = order[i * run_args.batch_size:(i + 1) * run_args.batch_size]
-            x = normalize(random_crop_flip(train_images[index], generator))
+            x = random_crop_flip(normalize(train_images[index]), generator)
             y = train_labels[index]
             targets = F.one_hot(y, 10).float()
             if run_args.cutmix and torch.rand((), device=device, generator=generator).item() < run_args.cutmix:
