@@ -297,7 +297,6 @@ class GroupMixAttention(nn.Module):
 
     def __init__(self, dim, cfg):
         super().__init__()
-        self.dim = dim
         self.num_heads = cfg.num_heads
         self.segment = dim // cfg.num_segments  # s
         self.head_dim = self.segment * len(cfg.group_sizes) // cfg.num_heads  # d
