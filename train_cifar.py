@@ -431,6 +431,8 @@ def train(args):
     if run_args.compile and start_epoch <= run_args.epochs:
         compile_untimed(forward, model, train_images[:run_args.batch_size], autocast)
 
+    show_progress = sys.stdout.isatty()  # an in-place step counter, for people watching a terminal
+    progress_every = max(1, steps_per_epoch // 20)
     train_seconds = sum(row["epoch_seconds"] for row in history)
     for epoch in range(start_epoch, run_args.epochs + 1):
         model.train()
@@ -459,10 +461,12 @@ def train(args):
                 ema.update(model)
             loss_sum += loss.detach() * len(index)
             correct += (logits.argmax(1) == y).sum()
+            if show_progress and (i + 1) % progress_every == 0:
+                print(f"\r  epoch {epoch}: step {i + 1}/{steps_per_epoch}", end="", flush=True)
             if device.type == "cpu" and epoch == start_epoch and i == 2:
                 per_step = (time.perf_counter() - started) / 3
                 remaining = per_step * ((run_args.epochs - epoch + 1) * steps_per_epoch - 3)
-                print(f"estimated training time on this CPU: {remaining / 60:.1f} min "
+                print(f"\restimated training time on this CPU: {remaining / 60:.1f} min "
                       f"({per_step:.2f} s per step, {total_steps} steps in all)", flush=True)
         seen = steps_per_epoch * run_args.batch_size
         train_loss = loss_sum.item() / seen
@@ -478,6 +482,8 @@ def train(args):
                    val_loss=val_loss, val_acc=val_acc, lr=scheduler.get_last_lr()[0],
                    epoch_seconds=epoch_seconds, images_per_second=seen / epoch_seconds)
         history.append(row)
+        if show_progress:
+            print("\r" + " " * 40 + "\r", end="")
         print_row(row)
         # last.pt goes last: whatever an interruption leaves behind, resuming from last.pt redoes
         # the epochs after it and rewrites the metrics and best.pt exactly as they were.
