@@ -235,8 +235,8 @@ def factorized_attention(q, k, v, scale):
 
     out = scale * q @ (softmax_N(k)^T @ v). The softmax runs over the N tokens of each key
     channel, so softmax(k)^T v is a d x d "context" matrix: cost O(N d^2) and no N x N map. q is
-    not normalised. The official scale is (C / heads)^-1/2, computed from the *whole* stage width
-    C rather than the head width d = 4C/(5h), so it is smaller than the usual d^-1/2.
+    not normalised. The official scale is (C // heads)^-1/2, computed from the *whole* stage
+    width C rather than the head width d = 4C/(5h), so it is smaller than the usual d^-1/2.
     """
     B, h, N, d = q.shape
     context = k.softmax(dim=-2).transpose(-2, -1) @ v  # (B, h, d, d)
@@ -263,7 +263,6 @@ class ConvRelPosEnc(nn.Module):
 
     def __init__(self, head_dim, windows, padding_mode):
         super().__init__()
-        self.head_dim = head_dim
         self.channel_splits = [heads * head_dim for _, heads in windows]
         self.convs = nn.ModuleList(
             depthwise_conv(channels, kernel, padding_mode, bias=True)
