@@ -38,6 +38,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import subprocess
 import sys
@@ -1193,6 +1194,73 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_pat
     finals = [json.load(open(os.path.join(d, "final.json"))) for d in (straight, interrupted)]
     assert finals[0]["test_acc"] == finals[1]["test_acc"] and finals[0]["test_loss"] == finals[1]["test_loss"]
 
+    # A checkpoint carries the random streams of its device: a GPU run cannot go on on the CPU.
+    checkpoint = torch.load(os.path.join(interrupted, "last.pt"), weights_only=True)
+    checkpoint["rng"]["device"] = "cuda"
+    torch.save(checkpoint, os.path.join(interrupted, "last.pt"))
+    status, printed = run_trainer(["--resume", "auto", "--out", interrupted, "--device", "cpu"], capsys)
+    assert status == 2 and "--device cuda" in printed.err and "Traceback" not in printed.err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_checkpoints_and_resumes_exactly(precision, tmp_path, monkeypatch):
+    """The GPU's autocast paths, run on the CPU: they train, and fp16's loss scale is checkpointed
+    so that a resumed run still ends exactly as an uninterrupted one."""
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    # fp16 convolutions are slow on a CPU: fewer, smaller batches and a 16-image test set.
+    run = ["--synthetic", "--subset", "8", "--val-size", "8", "--batch-size", "4", "--epochs", "2",
+           "--device", "cpu", "--warmup-epochs", "1", "--precision", precision]
+    monkeypatch.setattr(train_cifar, "synthetic_cifar", functools.partial(train_cifar.synthetic_cifar, test=16))
+    # A loss scale that starts low and doubles after every step without overflow (not every 2,000).
+    moving_scale = functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 10, growth_interval=1)
+    monkeypatch.setattr(torch.amp, "GradScaler", moving_scale)
+    assert run_trainer(run + ["--out", straight]) == (0, None)
+    final = json.load(open(os.path.join(straight, "final.json")))
+    assert final["precision"] == precision and math.isfinite(final["test_loss"])
+    scaler = torch.load(os.path.join(straight, "last.pt"), weights_only=True)["scaler"]
+    assert (scaler["scale"] > 0) if precision == "fp16" else scaler == {}
+
+    save = train_cifar.save_atomically
+
+    def save_then_interrupt(obj, path):
+        save(obj, path)
+        if path.endswith("last.pt"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cifar, "save_atomically", save_then_interrupt)
+    assert run_trainer(run + ["--out", interrupted])[0] == 130
+    monkeypatch.setattr(train_cifar, "save_atomically", save)
+    assert run_trainer(["--resume", "auto", "--out", interrupted, "--device", "cpu"]) == (0, None)
+    assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
+    scalers = [torch.load(os.path.join(d, "last.pt"), weights_only=True)["scaler"] for d in (straight, interrupted)]
+    assert scalers[0] == scalers[1]
+
+
+def test_the_ema_is_an_exponential_moving_average_of_weights_and_statistics():
+    """After an update, ema = decay * ema + (1 - decay) * current; integer counters are copied."""
+    model = tiny_model()
+    ema = train_cifar.EMA(model, decay=0.75)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_(torch.randn_like(tensor.float()).to(tensor.dtype).abs() + 1)
+    ema.update()
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ema.model.state_dict()[name], 0.75 * before[name] + 0.25 * value)
+        else:
+            assert torch.equal(ema.model.state_dict()[name], value)
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16")])
+def test_auto_precision_is_bf16_on_ampere_and_newer_fp16_before_and_fp32_on_the_cpu(
+        capability, expected, monkeypatch):
+    """Native bf16 arrived with Ampere (compute capability 8.0); older GPUs get fp16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert train_cifar.pick_precision("auto", torch.device("cuda")) == expected
+    assert train_cifar.pick_precision("auto", torch.device("cpu")) == "fp32"
+    assert train_cifar.pick_precision("fp16", torch.device("cpu")) == "fp16"
+
 
 def test_without_data_or_network_the_script_says_what_to_do_in_one_line(tmp_path):
     """No data and no download: exit status 2 and one line naming --data-dir and --synthetic."""
@@ -1297,6 +1365,32 @@ def test_augmentation_crops_are_shifted_windows_of_the_padded_image(seed):
         assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(2)) for w in windows)
 
 
+@given(seed=seeds)
+def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_targets_by_its_area(seed):
+    """Each image gets a box from one other image of the batch (the same box for all), and that
+    image's class gets the box's share of the target."""
+    random.seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(5, 3, 8, 8, generator=generator)
+    mixed, targets = train_cifar.cutmix(images, torch.eye(5), generator)  # sample i is class i
+    torch.testing.assert_close(targets.sum(1), torch.ones(5))
+    pasted = (mixed != images).any(1)  # (5, 8, 8): pixels that now come from another image
+    boxes = set()
+    for i in range(5):
+        donors = [j for j in range(5) if j != i and targets[i, j] > 0]
+        if not donors:  # its own image drawn, or an empty box
+            assert torch.equal(mixed[i], images[i])
+            continue
+        (j,) = donors
+        rows, cols = pasted[i].nonzero().unbind(1)
+        box = (slice(rows.min().item(), rows.max().item() + 1), slice(cols.min().item(), cols.max().item() + 1))
+        assert pasted[i].sum() == pasted[i][box].numel()  # one filled rectangle
+        assert torch.equal(mixed[i][:, box[0], box[1]], images[j][:, box[0], box[1]])
+        assert targets[i, j].item() == pytest.approx(pasted[i].sum().item() / 64)
+        boxes.add((box[0].start, box[0].stop, box[1].start, box[1].stop))
+    assert len(boxes) <= 1
+
+
 def test_the_compile_warm_up_leaves_weights_statistics_and_rng_as_they_were():
     """The untimed warm-up pass (for --compile) must not change the run: state and RNG restored."""
     model = tiny_model(num_classes=10, drop_path_rate=0.5)
@@ -1308,6 +1402,16 @@ def test_the_compile_warm_up_leaves_weights_statistics_and_rng_as_they_were():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_preset_sets_its_defaults_and_flags_given_still_win():
+    """--preset long changes the recipe's defaults; an explicit flag overrides the preset."""
+    default, long = train_cifar.parse_args([]), train_cifar.parse_args(["--preset", "long"])
+    changed = {k for k in vars(default) if getattr(default, k) != getattr(long, k)}
+    assert changed == {"preset"} | set(train_cifar.PRESETS["long"])
+    assert all(getattr(long, k) == v for k, v in train_cifar.PRESETS["long"].items())
+    mine = train_cifar.parse_args(["--preset", "long", "--epochs", "3", "--cutmix", "0"])
+    assert (mine.epochs, mine.cutmix, mine.tta) == (3, 0.0, True)
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),

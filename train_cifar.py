@@ -2,6 +2,7 @@
 
     python train_cifar.py                                   # GPU: download CIFAR-10 to ./data, train, test
     python train_cifar.py --data-dir path/to/cifar10-jpeg   # offline: an ImageFolder tree (train/, test/)
+    python train_cifar.py --preset long                     # 100 epochs, with cutmix and flip averaging
     python train_cifar.py --device cpu --subset 2000 --epochs 1 --val-size 500   # CPU smoke run
     python train_cifar.py --synthetic --epochs 1            # the whole pipeline, no files needed
     python train_cifar.py --resume auto --out runs/mine     # continue an interrupted run
@@ -10,8 +11,9 @@
 The dataset lives on the device as one uint8 tensor; cropping, flipping (and, if asked, cutmix)
 run there in batch, so no DataLoader is involved. Recipe: AdamW without decay on biases and norm
 scales, linear warm-up then cosine decay per step, label smoothing, gradient clipping, bf16
-autocast on CUDA. 5,000 training images are held out for validation: they pick best.pt and are
-printed every epoch. The test set is evaluated once, at the end, on the final weights.
+autocast on the GPU (fp16 with loss scaling on GPUs older than Ampere; --precision chooses).
+5,000 training images are held out for validation: they pick best.pt and are printed every
+epoch. The test set is evaluated once, at the end, on the final weights.
 
 Every run writes to --out (default runs/<timestamp>): config.json, metrics.jsonl (one line per
 epoch), last.pt (every epoch, written atomically) and best.pt, final.json, and curves.png when
@@ -20,6 +22,7 @@ of an uninterrupted one on the CPU (on a GPU, up to the non-determinism of its k
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -47,6 +50,13 @@ class Diverged(Exception):
     """The loss became NaN or infinite."""
 
 
+# Named recipes: a preset changes these defaults, and flags given on the command line still win.
+PRESETS = {
+    "fast": {},  # the defaults below: the most accuracy per minute
+    "long": dict(epochs=100, cutmix=0.5, drop_path=0.2, tta=True),  # regularised for 2.5x the epochs
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,23 +72,32 @@ def parse_args(argv=None):
     model.add_argument("--attention", default="factorized", choices=gmf.ATTENTION_CORES)
     model.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     recipe = p.add_argument_group("recipe")
-    recipe.add_argument("--epochs", type=int, default=40)
-    recipe.add_argument("--batch-size", type=int, default=256)
+    recipe.add_argument("--preset", default="fast", choices=PRESETS,
+                        help="fast: the defaults shown here; long: " + " ".join(
+                            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in PRESETS["long"].items()))
+    recipe.add_argument("--epochs", type=int, default=40, help="passes over the training images")
+    recipe.add_argument("--batch-size", type=int, default=256, help="images per optimisation step")
     recipe.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
-    recipe.add_argument("--weight-decay", type=float, default=0.05)
-    recipe.add_argument("--warmup-epochs", type=float, default=2.0)
-    recipe.add_argument("--label-smoothing", type=float, default=0.1)
+    recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, on weight matrices and kernels")
+    recipe.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warm-up of the learning rate")
+    recipe.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy targets")
     recipe.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0: off)")
     recipe.add_argument("--cutmix", type=float, default=0.0, help="probability of cutmix per batch (long runs)")
     recipe.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights used for eval (0: off)")
     recipe.add_argument("--tta", action="store_true", help="average logits over the image and its mirror at eval")
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                     help="autocast dtype. auto: bf16 on GPUs with native bf16 (Ampere and newer), fp16 "
+                          "with loss scaling on older GPUs, fp32 on the CPU")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
     run.add_argument("--resume", default=None, help="a last.pt to continue from, or 'auto' for OUT/last.pt")
     args = p.parse_args(argv)
+    if PRESETS[args.preset]:
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
@@ -198,9 +217,16 @@ def split_train_val(images, labels, args):
 
 def normalize(images):
     """uint8 images -> float32, zero mean and unit variance per channel over CIFAR-10."""
-    mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = channel_statistics(images.device)
     return (images.float() / 255 - mean) / std
+
+
+@functools.lru_cache
+def channel_statistics(device):
+    """CIFAR-10's channel mean and std, (1, 3, 1, 1) each, made once per device: copying them from
+    the host at every step would make the CPU wait until the GPU has finished its queue."""
+    return (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
 
 
 def random_crop_flip(images, generator, pad=4):
@@ -219,12 +245,14 @@ def random_crop_flip(images, generator, pad=4):
 
 
 def cutmix(images, targets, generator):
-    """Paste a random box from a shuffled copy of the batch; mix the one-hot targets by area."""
+    """Paste a random box from a shuffled copy of the batch; mix the one-hot targets by area.
+
+    The box is drawn with Python's `random` on the host (seeded and checkpointed like the rest):
+    numbers drawn on the GPU would have to be waited for before slicing."""
     B, C, H, W = images.shape
-    lam = torch.rand((), device=images.device, generator=generator).item()
+    lam = random.random()
     h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-    y = torch.randint(0, H - h + 1, (), device=images.device, generator=generator).item()
-    x = torch.randint(0, W - w + 1, (), device=images.device, generator=generator).item()
+    y, x = random.randint(0, H - h), random.randint(0, W - w)
     perm = torch.randperm(B, device=images.device, generator=generator)
     images = images.clone()
     images[:, :, y:y + h, x:x + w] = images[perm, :, y:y + h, x:x + w]
@@ -260,13 +288,19 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
         raise UserError(f"{path} is not a train_cifar.py checkpoint (missing "
                         f"{sorted(required - set(checkpoint)) if isinstance(checkpoint, dict) else 'everything'})")
+    if not {"torch", "python", "augment", "device"} <= checkpoint["rng"].keys():
+        raise UserError(f"{path} is not a train_cifar.py checkpoint of this version (its random states "
+                        f"are {sorted(checkpoint['rng'])})")
     return checkpoint
 
 
 def rng_state(generator):
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "augment": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    """Every random stream the run draws from: torch's (dropout, drop path), Python's (cutmix),
+    the augmentation generator's, and on a GPU that device's own."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "augment": generator.get_state(),
+             "device": generator.device.type}
+    if generator.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(generator.device)
     return state
 
 
@@ -274,8 +308,8 @@ def set_rng_state(state, generator):
     torch.set_rng_state(state["torch"])
     random.setstate(_as_python_state(state["python"]))
     generator.set_state(state["augment"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], generator.device)
 
 
 def _as_python_state(state):
@@ -327,19 +361,22 @@ def evaluate(model, images, labels, batch_size, tta, autocast):
 
 
 class EMA:
-    """Exponential moving average of the weights (and of the BatchNorm statistics)."""
+    """Exponential moving average of the weights (and of the BatchNorm statistics):
+    after each step, ema <- decay * ema + (1 - decay) * current."""
 
     def __init__(self, model, decay):
         self.decay = decay
         self.model = copy.deepcopy(model).requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # views, kept
+        self.averaged = [(ema, current) for ema, current in pairs if ema.is_floating_point()]
+        self.copied = [(ema, current) for ema, current in pairs if not ema.is_floating_point()]  # counters
 
     @torch.no_grad()
-    def update(self, model):
-        for ema, current in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if ema.is_floating_point():
-                ema.lerp_(current, 1 - self.decay)
-            else:
-                ema.copy_(current)
+    def update(self):
+        ema, current = zip(*self.averaged)
+        torch._foreach_lerp_(ema, current, 1 - self.decay)  # every tensor in a few kernel launches
+        for ema, current in self.copied:
+            ema.copy_(current)
 
 
 def build_model(config, device):
@@ -359,6 +396,22 @@ def pick_device(choice):
     return torch.device(choice)
 
 
+def pick_precision(choice, device):
+    """The autocast dtype: native bf16 where the GPU has it, else fp16 (with loss scaling) on a GPU.
+
+    bf16 keeps float32's exponent range, so it trains without loss scaling; a GPU older than
+    Ampere (T4, V100, RTX 20xx) only emulates it, slowly, but has fast fp16 tensor cores.
+    Either can be asked for on the CPU too, where they run the GPU's arithmetic (slowly)."""
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def train(args):
     wall_started = time.perf_counter()
     resume_path = find_resume_checkpoint(args) if args.resume else None
@@ -375,6 +428,10 @@ def train(args):
         out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     run_args = argparse.Namespace(**config)
     device = pick_device(run_args.device)
+    if checkpoint and checkpoint["rng"]["device"] != device.type:  # their random streams differ
+        raise UserError(f"{resume_path} was written by a run on the {checkpoint['rng']['device']}; "
+                        f"resuming it on the {device.type} would not continue it exactly. "
+                        f"Use --device {checkpoint['rng']['device']}")
     if device.type == "cpu":
         print("warning: no GPU in use, training on the CPU; this is slow (an estimate follows the "
               "first steps). Use --subset and --epochs for a quick run.", file=sys.stderr)
@@ -404,14 +461,22 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     ema = EMA(model, run_args.ema) if run_args.ema else None
-    def autocast():  # bf16 matmuls and convs on CUDA; plain float32 on the CPU
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    precision = pick_precision(run_args.precision, device)
+
+    def autocast():  # matmuls and convolutions in bf16 or fp16; norms, softmax and the loss in fp32
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32")
+
+    # fp16 overflows above 65504 and flushes small gradients to zero: the loss is multiplied by a
+    # large factor before backward, and steps whose gradients overflowed are skipped.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     start_epoch, step, history, best_val = 1, 0, [], -1.0
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler.is_enabled() and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
         if ema:
             ema.model.load_state_dict(checkpoint["ema"])
         set_rng_state(checkpoint["rng"], generator)
@@ -422,7 +487,7 @@ def train(args):
     write_json(os.path.join(out, "config.json"), {**config, "out": out})
     print(f"model {run_args.model}: {params:,} parameters | train {len(train_images)}, val {len(val_images)}, "
           f"test {len(test_images)} images | {run_args.epochs} epochs of {steps_per_epoch} steps | "
-          f"device {device_name(device)} | out {out}")
+          f"device {device_name(device)}, {precision} | out {out}")
     print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} "
           f"{'lr':>9} {'seconds':>8} {'img/s':>8}")
     for row in history:
@@ -445,20 +510,22 @@ def train(args):
             x = random_crop_flip(normalize(train_images[index]), generator)
             y = train_labels[index]
             targets = F.one_hot(y, 10).float()
-            if run_args.cutmix and torch.rand((), device=device, generator=generator).item() < run_args.cutmix:
+            if run_args.cutmix and random.random() < run_args.cutmix:
                 x, targets = cutmix(x, targets, generator)
             with autocast():
                 logits = forward(x)
             loss = loss_function(logits, targets, run_args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # without fp16, scale() and step() pass straight through
             if run_args.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), run_args.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             if ema:
-                ema.update(model)
+                ema.update()
             loss_sum += loss.detach() * len(index)
             correct += (logits.argmax(1) == y).sum()
             if show_progress and (i + 1) % progress_every == 0:
@@ -468,7 +535,7 @@ def train(args):
                 remaining = per_step * ((run_args.epochs - epoch + 1) * steps_per_epoch - 3)
                 print(f"\restimated training time on this CPU: {remaining / 60:.1f} min "
                       f"({per_step:.2f} s per step, {total_steps} steps in all)", flush=True)
-        seen = steps_per_epoch * run_args.batch_size
+        seen = min(steps_per_epoch * run_args.batch_size, len(train_images))
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
             last = os.path.join(out, "last.pt")
@@ -494,7 +561,7 @@ def train(args):
                              "config": config}, os.path.join(out, "best.pt"))
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "config": config,
-                 "rng": rng_state(generator), "history": history}
+                 "scaler": scaler.state_dict(), "rng": rng_state(generator), "history": history}
         if ema:
             state["ema"] = ema.model.state_dict()
         save_atomically(state, os.path.join(out, "last.pt"))
@@ -506,7 +573,7 @@ def train(args):
                  val_acc=history[-1]["val_acc"] if history else None,
                  best_val_acc=best_val if history else None, epochs=run_args.epochs,
                  train_seconds=train_seconds, wall_seconds=time.perf_counter() - wall_started,
-                 device=device_name(device), torch=torch.__version__,
+                 device=device_name(device), precision=precision, torch=torch.__version__,
                  parameters=params, model=run_args.model, command=" ".join(sys.argv))
     write_json(os.path.join(out, "final.json"), final)
     plot_curves(out, history)
@@ -516,22 +583,20 @@ def train(args):
 
 
 def compile_untimed(forward, model, images, autocast):
-    """Compile outside the timed epochs: one training and one eval pass, then restore the state
-    (weights, BatchNorm statistics, RNG) so that the run is the same as without the warm-up."""
+    """Compile outside the timed epochs: one training pass (forward and backward), then restore
+    the state (weights, BatchNorm statistics, RNG) so that the run is the same as without it.
+    Evaluation runs the plain model: at batch 1,000 it is not held back by Python's overhead."""
     print("compiling the model (not counted in the epoch times) ...", flush=True)
     state = copy.deepcopy(model.state_dict())
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(images.device) if images.is_cuda else None
     model.train()
     with autocast():
         forward(normalize(images)).float().sum().backward()
-    model.eval()
-    with torch.no_grad(), autocast():
-        forward(normalize(images))
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
     torch.set_rng_state(rng[0])
     if rng[1] is not None:
-        torch.cuda.set_rng_state_all(rng[1])
+        torch.cuda.set_rng_state(rng[1], images.device)
 
 
 def device_name(device):
