@@ -27,8 +27,9 @@ Parts, in reading order (GMF_HYPOTHESIS=thorough draws many more examples of eac
    values computed with the official code) for all five variants, in eval and train mode; the
    official parameter counts.
 6. Bad input: impossible configs and inputs raise ValueError naming the value and the rule.
-7. train_cifar.py on tiny synthetic data: a run, an exact resume, the offline error, a NaN stop, a
-   corrupt checkpoint, a full disk, the data layouts, augmentation and schedule.
+7. train_cifar.py on tiny synthetic data: a run, an exact resume (in fp32, bf16 and fp16), the
+   offline error, a NaN stop, a corrupt checkpoint or one from another device, a full disk, the
+   data layouts, augmentation, cutmix, the EMA, presets and the choice of precision.
 8. tutorial.md: every Python block runs and prints what the tutorial says it prints, and every
    gmf.py name and test it cites exists. Blocks fenced as "python slow" run with GMF_SLOW=1.
 """
@@ -1204,8 +1205,9 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_pat
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_trains_checkpoints_and_resumes_exactly(precision, tmp_path, monkeypatch):
-    """The GPU's autocast paths, run on the CPU: they train, and fp16's loss scale is checkpointed
-    so that a resumed run still ends exactly as an uninterrupted one."""
+    """Reduced precision, run on the CPU: the model's logits come out in bf16 or fp16, the run
+    resumes to exactly the uninterrupted metrics, and fp16's loss scale is checkpointed (the
+    scale is a power of two, so only the saved scale itself shows whether it was restored)."""
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     # fp16 convolutions are slow on a CPU: fewer, smaller batches and a 16-image test set.
     run = ["--synthetic", "--subset", "8", "--val-size", "8", "--batch-size", "4", "--epochs", "2",
@@ -1214,7 +1216,15 @@ def test_reduced_precision_trains_checkpoints_and_resumes_exactly(precision, tmp
     # A loss scale that starts low and doubles after every step without overflow (not every 2,000).
     moving_scale = functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 10, growth_interval=1)
     monkeypatch.setattr(torch.amp, "GradScaler", moving_scale)
+    dtypes, loss_function = set(), train_cifar.loss_function
+
+    def recording_dtype(logits, targets, smoothing):
+        dtypes.add(logits.dtype)
+        return loss_function(logits, targets, smoothing)
+
+    monkeypatch.setattr(train_cifar, "loss_function", recording_dtype)
     assert run_trainer(run + ["--out", straight]) == (0, None)
+    assert dtypes == {train_cifar.AUTOCAST_DTYPES[precision]}
     final = json.load(open(os.path.join(straight, "final.json")))
     assert final["precision"] == precision and math.isfinite(final["test_loss"])
     scaler = torch.load(os.path.join(straight, "last.pt"), weights_only=True)["scaler"]
@@ -1238,12 +1248,12 @@ def test_reduced_precision_trains_checkpoints_and_resumes_exactly(precision, tmp
 
 def test_the_ema_is_an_exponential_moving_average_of_weights_and_statistics():
     """After an update, ema = decay * ema + (1 - decay) * current; integer counters are copied."""
-    model = tiny_model()
+    model, generator = tiny_model(), torch.Generator().manual_seed(0)
     ema = train_cifar.EMA(model, decay=0.75)
     before = {k: v.clone() for k, v in ema.model.state_dict().items()}
     with torch.no_grad():
-        for tensor in model.state_dict().values():
-            tensor.add_(torch.randn_like(tensor.float()).to(tensor.dtype).abs() + 1)
+        for tensor in model.state_dict().values():  # every weight, statistic and counter moves
+            tensor.add_((torch.rand(tensor.shape, generator=generator) + 1).to(tensor.dtype))
     ema.update()
     for name, value in model.state_dict().items():
         if value.is_floating_point():
@@ -1367,8 +1377,8 @@ def test_augmentation_crops_are_shifted_windows_of_the_padded_image(seed):
 
 @given(seed=seeds)
 def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_targets_by_its_area(seed):
-    """Each image gets a box from one other image of the batch (the same box for all), and that
-    image's class gets the box's share of the target."""
+    """Each image gets a box (the same for all) from an image of the batch, maybe itself, and the
+    donor's class gets the box's share of the target. The box comes from Python's `random`."""
     random.seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(5, 3, 8, 8, generator=generator)
@@ -1410,8 +1420,8 @@ def test_a_preset_sets_its_defaults_and_flags_given_still_win():
     changed = {k for k in vars(default) if getattr(default, k) != getattr(long, k)}
     assert changed == {"preset"} | set(train_cifar.PRESETS["long"])
     assert all(getattr(long, k) == v for k, v in train_cifar.PRESETS["long"].items())
-    mine = train_cifar.parse_args(["--preset", "long", "--epochs", "3", "--cutmix", "0"])
-    assert (mine.epochs, mine.cutmix, mine.tta) == (3, 0.0, True)
+    mine = train_cifar.parse_args(["--preset", "long", "--epochs", "3", "--no-tta"])
+    assert (mine.epochs, mine.cutmix, mine.tta) == (3, train_cifar.PRESETS["long"]["cutmix"], False)
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),

@@ -52,8 +52,8 @@ class Diverged(Exception):
 
 # Named recipes: a preset changes these defaults, and flags given on the command line still win.
 PRESETS = {
-    "fast": {},  # the defaults below: the most accuracy per minute
-    "long": dict(epochs=100, cutmix=0.5, drop_path=0.2, tta=True),  # regularised for 2.5x the epochs
+    "fast": {},  # the defaults below
+    "long": dict(epochs=100, cutmix=0.5, drop_path=0.2, tta=True),  # more regularisation for 2.5x the epochs
 }
 
 
@@ -73,18 +73,18 @@ def parse_args(argv=None):
     model.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     recipe = p.add_argument_group("recipe")
     recipe.add_argument("--preset", default="fast", choices=PRESETS,
-                        help="fast: the defaults shown here; long: " + " ".join(
-                            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in PRESETS["long"].items()))
+                        help="fast: the defaults shown here; long: --epochs 100 --cutmix 0.5 --drop-path 0.2 --tta")
     recipe.add_argument("--epochs", type=int, default=40, help="passes over the training images")
     recipe.add_argument("--batch-size", type=int, default=256, help="images per optimisation step")
     recipe.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
-    recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, on weight matrices and kernels")
+    recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of matrices and kernels")
     recipe.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warm-up of the learning rate")
-    recipe.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy targets")
+    recipe.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy targets")
     recipe.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0: off)")
     recipe.add_argument("--cutmix", type=float, default=0.0, help="probability of cutmix per batch (long runs)")
     recipe.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights used for eval (0: off)")
-    recipe.add_argument("--tta", action="store_true", help="average logits over the image and its mirror at eval")
+    recipe.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                        help="average logits over the image and its mirror at eval")
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -289,8 +289,8 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a train_cifar.py checkpoint (missing "
                         f"{sorted(required - set(checkpoint)) if isinstance(checkpoint, dict) else 'everything'})")
     if not {"torch", "python", "augment", "device"} <= checkpoint["rng"].keys():
-        raise UserError(f"{path} is not a train_cifar.py checkpoint of this version (its random states "
-                        f"are {sorted(checkpoint['rng'])})")
+        raise UserError(f"{path} was written by an older train_cifar.py, which did not record the device "
+                        f"of its random states: start a new run")
     return checkpoint
 
 
@@ -362,7 +362,9 @@ def evaluate(model, images, labels, batch_size, tta, autocast):
 
 class EMA:
     """Exponential moving average of the weights (and of the BatchNorm statistics):
-    after each step, ema <- decay * ema + (1 - decay) * current."""
+    after each step, ema <- decay * ema + (1 - decay) * current, for every tensor.
+
+    It keeps views of the model's tensors, so build it after the model has its device and dtype."""
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -429,9 +431,9 @@ def train(args):
     run_args = argparse.Namespace(**config)
     device = pick_device(run_args.device)
     if checkpoint and checkpoint["rng"]["device"] != device.type:  # their random streams differ
-        raise UserError(f"{resume_path} was written by a run on the {checkpoint['rng']['device']}; "
-                        f"resuming it on the {device.type} would not continue it exactly. "
-                        f"Use --device {checkpoint['rng']['device']}")
+        written_on = {"cpu": "the CPU", "cuda": "a CUDA GPU"}[checkpoint["rng"]["device"]]
+        raise UserError(f"{resume_path} was written on {written_on} and can only be resumed on one "
+                        f"(--device {checkpoint['rng']['device']})")
     if device.type == "cpu":
         print("warning: no GPU in use, training on the CPU; this is slow (an estimate follows the "
               "first steps). Use --subset and --epochs for a quick run.", file=sys.stderr)
@@ -461,13 +463,14 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     ema = EMA(model, run_args.ema) if run_args.ema else None
-    precision = pick_precision(run_args.precision, device)
+    precision = config["precision"] = pick_precision(run_args.precision, device)  # resumed as chosen
 
-    def autocast():  # matmuls and convolutions in bf16 or fp16; norms, softmax and the loss in fp32
+    def autocast():  # matmuls and convs in bf16 or fp16 (on a GPU, norms and softmax stay in fp32)
         return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32")
 
     # fp16 overflows above 65504 and flushes small gradients to zero: the loss is multiplied by a
-    # large factor before backward, and steps whose gradients overflowed are skipped.
+    # large factor before backward, and steps whose gradients overflowed are skipped (the schedule
+    # moves on regardless; PyTorch warns once if the very first step is skipped).
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     start_epoch, step, history, best_val = 1, 0, [], -1.0
