@@ -29,7 +29,8 @@ Parts, in reading order (GMF_HYPOTHESIS=thorough draws many more examples of eac
 6. Bad input: impossible configs and inputs raise ValueError naming the value and the rule.
 7. train_cifar.py on tiny synthetic data: a run, an exact resume (in fp32, bf16 and fp16), the
    offline error, a NaN stop, a corrupt checkpoint or one from another device, a full disk, the
-   data layouts, augmentation, cutmix, the EMA, presets and the choice of precision.
+   data layouts, augmentation, cutmix, the EMA, presets, the choice of precision and (slow)
+   a compiled run that matches the plain one.
 8. tutorial.md: every Python block runs and prints what the tutorial says it prints, and every
    gmf.py name and test it cites exists. Blocks fenced as "python slow" run with GMF_SLOW=1.
 """
@@ -1401,17 +1402,35 @@ def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_targets_by_its_a
     assert len(boxes) <= 1
 
 
-def test_the_compile_warm_up_leaves_weights_statistics_and_rng_as_they_were():
-    """The untimed warm-up pass (for --compile) must not change the run: state and RNG restored."""
+def test_the_untimed_warm_up_leaves_weights_statistics_and_rng_as_they_were():
+    """The untimed warm-up pass (on a GPU, or for --compile) must not change the run: state and
+    RNG restored."""
     model = tiny_model(num_classes=10, drop_path_rate=0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     rng = torch.get_rng_state()
-    train_cifar.compile_untimed(model, model, images, lambda: torch.autocast("cpu", enabled=False))
+    train_cifar.warm_up_untimed(model, model, images, lambda: torch.autocast("cpu", enabled=False))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_the_same_network_and_compiles_only_before_the_timed_epochs(
+        tmp_path, monkeypatch):
+    """--compile trains what the plain model trains (to rounding: the compiler may reorder sums;
+    no drop path, whose random masks the compiler may draw differently), and a recompilation in
+    the timed epochs would raise. The CPU compiles with a C++ compiler, a GPU with Triton; the
+    graph capture checked here is the same on both."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    plain, compiled = str(tmp_path / "plain"), str(tmp_path / "compiled")
+    run = TINY_RUN + ["--drop-path", "0"]
+    assert run_trainer(run + ["--out", plain]) == (0, None)
+    assert run_trainer(run + ["--out", compiled, "--compile"]) == (0, None)
+    for expected, got in zip(metrics(plain), metrics(compiled), strict=True):
+        for name in ("train_loss", "val_loss"):
+            assert got[name] == pytest.approx(expected[name], rel=1e-3), name
 
 
 def test_a_preset_sets_its_defaults_and_flags_given_still_win():

@@ -19,6 +19,8 @@ Every run writes to --out (default runs/<timestamp>): config.json, metrics.jsonl
 epoch), last.pt (every epoch, written atomically) and best.pt, final.json, and curves.png when
 matplotlib is installed. An interrupted run resumed with --resume ends with exactly the metrics
 of an uninterrupted one on the CPU (on a GPU, up to the non-determinism of its kernels).
+Epoch times leave out one untimed warm-up pass, made on a GPU or with --compile, that compiles
+and picks convolution algorithms; final.json's wall_seconds counts everything, loading included.
 """
 import argparse
 import copy
@@ -496,8 +498,8 @@ def train(args):
     for row in history:
         print_row(row)
 
-    if run_args.compile and start_epoch <= run_args.epochs:
-        compile_untimed(forward, model, train_images[:run_args.batch_size], autocast)
+    if (run_args.compile or device.type == "cuda") and start_epoch <= run_args.epochs:
+        warm_up_untimed(forward, model, train_images[:run_args.batch_size], autocast)
 
     show_progress = sys.stdout.isatty()  # an in-place step counter, for people watching a terminal
     progress_every = max(1, steps_per_epoch // 20)
@@ -585,11 +587,16 @@ def train(args):
     return final
 
 
-def compile_untimed(forward, model, images, autocast):
-    """Compile outside the timed epochs: one training pass (forward and backward), then restore
-    the state (weights, BatchNorm statistics, RNG) so that the run is the same as without it.
-    Evaluation runs the plain model: at batch 1,000 it is not held back by Python's overhead."""
-    print("compiling the model (not counted in the epoch times) ...", flush=True)
+def warm_up_untimed(forward, model, images, autocast):
+    """One training pass (forward and backward) outside the timed epochs, then the state
+    (weights, BatchNorm statistics, RNG) restored, so that the run is the same as without it.
+
+    It takes the one-time costs out of epoch 1's time: torch.compile's compilation, and on a GPU
+    the choice of convolution algorithms (cudnn.benchmark) and the loading of kernels. The whole
+    run's wall time still counts them. Evaluation runs the plain model: at batch 1,000 it is not
+    held back by Python's overhead."""
+    print("warming up: one untimed training pass" + (" compiles the model" if forward is not model else ""),
+          "...", flush=True)
     state = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state(), torch.cuda.get_rng_state(images.device) if images.is_cuda else None
     model.train()
@@ -600,6 +607,7 @@ def compile_untimed(forward, model, images, autocast):
     torch.set_rng_state(rng[0])
     if rng[1] is not None:
         torch.cuda.set_rng_state(rng[1], images.device)
+        torch.cuda.synchronize(images.device)  # the timer of epoch 1 starts on an idle GPU
 
 
 def device_name(device):
