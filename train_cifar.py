@@ -59,6 +59,12 @@ PRESETS = {
 }
 
 
+def preset_flags(name):
+    """A preset written as the flags it stands for, e.g. '--epochs 100 --tta'."""
+    return " ".join(f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}")
+                    for key, value in PRESETS[name].items())
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -75,7 +81,7 @@ def parse_args(argv=None):
     model.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     recipe = p.add_argument_group("recipe")
     recipe.add_argument("--preset", default="fast", choices=PRESETS,
-                        help="fast: the defaults shown here; long: --epochs 100 --cutmix 0.5 --drop-path 0.2 --tta")
+                        help="fast: the defaults shown here; long: " + preset_flags("long"))
     recipe.add_argument("--epochs", type=int, default=40, help="passes over the training images")
     recipe.add_argument("--batch-size", type=int, default=256, help="images per optimisation step")
     recipe.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
@@ -595,8 +601,7 @@ def warm_up_untimed(forward, model, images, autocast):
     the choice of convolution algorithms (cudnn.benchmark) and the loading of kernels. The whole
     run's wall time still counts them. Evaluation runs the plain model: at batch 1,000 it is not
     held back by Python's overhead."""
-    print("warming up: one untimed training pass" + (" compiles the model" if forward is not model else ""),
-          "...", flush=True)
+    print("warming up (one untimed training pass) ...", flush=True)
     state = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state(), torch.cuda.get_rng_state(images.device) if images.is_cuda else None
     model.train()
