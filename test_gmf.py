@@ -19,28 +19,23 @@ Parts, in reading order (GMF_HYPOTHESIS=thorough draws many more examples of eac
    - the factorized core is the N x N map q softmax(k)^T applied to v, so both cores can be put
      side by side as maps.
 3. Gradients and numerics: gradcheck of a GMA layer, a gradient for every parameter, finite
-   outputs, same seed same output.
-4. API and shapes: forward = forward_head(forward_features); every stage's shape follows its
-   strides for any input; reset_classifier; param_groups.
+   outputs, drop path, the official initialisation, same seed same output.
+4. API and shapes: forward = forward_head(forward_features); every stage's grid is what its
+   convolutions give, for any config and input size; reset_classifier; param_groups; the
+   variants and create_model's overrides.
 5. Fidelity to the official code: every official weight name maps onto a tensor of the same
    shape, and with the same weights our network gives the official network's logits (golden
    values computed with the official code) for all five variants, in eval and train mode; the
    official parameter counts.
 6. Bad input: impossible configs and inputs raise ValueError naming the value and the rule.
-7. train_cifar.py on tiny synthetic data: a run, an exact resume (in fp32, bf16 and fp16), the
-   offline error, a NaN stop, a corrupt checkpoint or one from another device, a full disk, the
-   data layouts, augmentation, cutmix, the EMA, presets, the choice of precision and (slow)
-   a compiled run that matches the plain one.
-8. tutorial.md: every Python block runs and prints what the tutorial says it prints, and every
+7. tutorial.md: every Python block runs and prints what the tutorial says it prints, and every
    gmf.py name and test it cites exists. Blocks fenced as "python slow" run with GMF_SLOW=1.
+
+The trainer, train_cifar.py, has its own tests in test_train_cifar.py.
 """
-import errno
 import functools
-import json
 import math
 import os
-import pickle
-import random
 import re
 import subprocess
 import sys
@@ -48,11 +43,10 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import gmf
-import train_cifar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OFFICIAL_M_LISTING = os.path.join(HERE, "..", "shared", "docs", "official_state_dict_M.tsv")
@@ -61,7 +55,7 @@ OFFICIAL = ["groupmixformer_m", "groupmixformer_t", "groupmixformer_s", "groupmi
 
 
 # ==============================================================================================
-# 1. GMA from the equations: naive references
+# 1. GMA from the equations
 # ==============================================================================================
 #
 # Each reference is a loop over window offsets, tokens or channels in float64 that shares no code
@@ -241,6 +235,12 @@ def naive_block(x, size, block, cfg):
 # Strategies: valid shapes by construction, tensors filled from a seeded torch.Generator
 # ----------------------------------------------------------------------------------------------
 
+def one_stage_config(dim, **overrides):
+    """A config of one stride-1 stage of width dim with one block and MLP ratio 1."""
+    fields = dict(dims=(dim,), depths=(1,), mlp_ratios=(1,), stage_strides=(1,))
+    return gmf.GroupMixFormerConfig(**{**fields, **overrides})
+
+
 @st.composite
 def gma_configs(draw, attention=None, padding_mode=None):
     """A GMA config that builds: segment and head widths are multiplied up, never divided down."""
@@ -254,9 +254,9 @@ def gma_configs(draw, attention=None, padding_mode=None):
     cuts = sorted(draw(st.lists(st.integers(1, num_heads - 1), min_size=len(kernels) - 1,
                                 max_size=len(kernels) - 1, unique=True))) if len(kernels) > 1 else []
     heads = [b - a for a, b in zip([0] + cuts, cuts + [num_heads])]
-    return gmf.GroupMixFormerConfig(
-        dims=(dim,), depths=(1,), mlp_ratios=(draw(st.sampled_from([1, 2])),), stage_strides=(1,),
-        num_heads=num_heads, group_sizes=group_sizes, crpe_windows=tuple(zip(kernels, heads)),
+    return one_stage_config(
+        dim, mlp_ratios=(draw(st.sampled_from([1, 2])),), num_heads=num_heads, group_sizes=group_sizes,
+        crpe_windows=tuple(zip(kernels, heads)),
         attention=attention or draw(st.sampled_from(gmf.ATTENTION_CORES)),
         padding_mode=padding_mode or draw(st.sampled_from(gmf.PADDING_MODES)), drop_path_rate=0.0)
 
@@ -297,10 +297,26 @@ def random_tensor(seed, *shape):
 
 
 def gma_layer(cfg, seed):
+    """A GMA layer of cfg's first stage in float64 eval mode, every weight drawn from the seed."""
     return randomize_(gmf.GroupMixAttention(cfg.dims[0], cfg), seed).double().eval()
 
 
+def gma_block(cfg, seed):
+    """A GMA block (no drop path) of cfg's first stage in float64 eval mode, weights from the seed."""
+    return randomize_(gmf.GMABlock(cfg.dims[0], cfg.mlp_ratios[0], 0.0, cfg), seed).double().eval()
+
+
 seeds = st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def gma_cases(draw, block=False, padding_mode=None, max_side=5):
+    """(cfg, (H, W), module, seed): a drawn config and grid, and the GMA layer (or block) built
+    from them with weights from the drawn seed; tests fill their inputs from seed, seed + 1, ..."""
+    cfg = draw(gma_configs(padding_mode=padding_mode))
+    size = draw(grid_strategy(cfg, max_side))
+    seed = draw(seeds)
+    return cfg, size, (gma_block if block else gma_layer)(cfg, seed), seed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,12 +348,10 @@ def test_hand_worked_factorized_attention_on_two_tokens():
 # The vectorised components equal their loop references
 # ----------------------------------------------------------------------------------------------
 
-@given(data=st.data(), seed=seeds)
-def test_group_aggregators_equal_the_window_loop(data, seed):
+@given(gma_cases())
+def test_group_aggregators_equal_the_window_loop(case):
     """Each aggregator computes BN(1x1(sum over its k x k window)) then Hardswish, for every k."""
-    cfg = data.draw(gma_configs())
-    H, W = data.draw(grid_strategy(cfg))
-    gma = gma_layer(cfg, seed)
+    cfg, (H, W), gma, seed = case
     x = random_tensor(seed, 2, gma.segment, H, W)
     for aggregator, k in zip(gma.aggregators, cfg.group_sizes):
         torch.testing.assert_close(aggregator(x), naive_group_aggregation(x, aggregator, k, cfg.padding_mode),
@@ -360,54 +374,45 @@ def test_softmax_attention_equals_the_explicit_map(B, h, N, d, seed):
                                rtol=0, atol=ATOL)
 
 
-@given(data=st.data(), seed=seeds)
-def test_conv_relative_position_encoding_equals_its_loop(data, seed):
+@given(gma_cases())
+def test_conv_relative_position_encoding_equals_its_loop(case):
     """CRPE = q * DWConv(v), each head convolved with the kernel of its window group."""
-    cfg = data.draw(gma_configs())
-    H, W = data.draw(grid_strategy(cfg))
-    gma = gma_layer(cfg, seed)
+    cfg, (H, W), gma, seed = case
     q, v = (random_tensor(seed + i, 2, cfg.num_heads, H * W, gma.head_dim) for i in range(2))
     torch.testing.assert_close(gma.crpe(q, v, (H, W)),
                                naive_crpe(q, v, (H, W), gma.crpe, cfg.crpe_windows, cfg.padding_mode),
                                rtol=0, atol=ATOL)
 
 
-@given(data=st.data(), seed=seeds)
-def test_non_attention_branch_equals_its_loop(data, seed):
+@given(gma_cases())
+def test_non_attention_branch_equals_its_loop(case):
     """The non-attention branch is LN(1x1(DW3x3([Q4 | K4 | V4]))) then Hardswish, per token."""
-    cfg = data.draw(gma_configs())
-    H, W = data.draw(grid_strategy(cfg))
-    gma = gma_layer(cfg, seed)
+    cfg, (H, W), gma, seed = case
     q4, k4, v4 = (random_tensor(seed + i, 2, gma.segment, H, W) for i in range(3))
     torch.testing.assert_close(gma.non_attention_branch(q4, k4, v4),
                                naive_non_attention_branch(q4, k4, v4, gma.non_attention_branch, cfg.padding_mode),
                                rtol=0, atol=ATOL)
 
 
-@given(data=st.data(), seed=seeds)
-def test_gma_layer_equals_its_reference(data, seed):
+@given(gma_cases(max_side=4))
+def test_gma_layer_equals_its_reference(case):
     """A whole GMA layer equals the reference assembled from the loops, in both attention modes."""
-    cfg = data.draw(gma_configs())
-    H, W = data.draw(grid_strategy(cfg, max_side=4))
-    gma = gma_layer(cfg, seed)
+    cfg, (H, W), gma, seed = case
     x = random_tensor(seed, 2, H * W, cfg.dims[0])
     torch.testing.assert_close(gma(x, (H, W)), naive_gma(x, (H, W), gma, cfg), rtol=0, atol=ATOL)
 
 
-@given(data=st.data(), seed=seeds)
-def test_gma_block_equals_its_reference(data, seed):
+@given(gma_cases(block=True, max_side=4))
+def test_gma_block_equals_its_reference(case):
     """A GMA block equals x + DWConv(x), + GMA(LN(x)), + MLP(LN(x)) built from the references."""
-    cfg = data.draw(gma_configs())
-    H, W = data.draw(grid_strategy(cfg, max_side=4))
-    block = randomize_(gmf.GMABlock(cfg.dims[0], cfg.mlp_ratios[0], 0.0, cfg), seed).double().eval()
+    cfg, (H, W), block, seed = case
     x = random_tensor(seed, 2, H * W, cfg.dims[0])
     torch.testing.assert_close(block(x, (H, W)), naive_block(x, (H, W), block, cfg), rtol=0, atol=ATOL)
 
 
 def test_aggregators_pool_batch_statistics_over_q_k_and_v_in_training():
     """In train mode an aggregator's BatchNorm normalises Q, K and V maps with shared statistics."""
-    cfg = gmf.GroupMixFormerConfig(dims=(20,), depths=(1,), mlp_ratios=(1,), stage_strides=(1,))
-    gma = gma_layer(cfg, 0).train()
+    gma = gma_layer(one_stage_config(20), 0).train()
     x = random_tensor(1, 3, 12, 20)
     captured = {}
     gma.aggregators[2].register_forward_hook(lambda m, inputs, output: captured.update(x=inputs[0], y=output))
@@ -424,7 +429,7 @@ def test_aggregators_pool_batch_statistics_over_q_k_and_v_in_training():
 
 
 # ==============================================================================================
-# 2. Equivariances and invariances
+# 2. Symmetries
 # ==============================================================================================
 
 def assert_equivariant(f, transform_in, transform_out, x, name, atol=ATOL):
@@ -433,14 +438,12 @@ def assert_equivariant(f, transform_in, transform_out, x, name, atol=ATOL):
     assert error <= atol, f"not equivariant under {name}: max error {error:.3g} > {atol:.1g}"
 
 
-@given(data=st.data(), seed=seeds)
-def test_circular_gma_block_commutes_with_cyclic_shifts(data, seed):
+@given(data=st.data(), case=gma_cases(block=True, padding_mode="circular", max_side=6))
+def test_circular_gma_block_commutes_with_cyclic_shifts(data, case):
     """With circular padding every op of a stride-1 block is a convolution on a torus or per token,
     so shifting the token grid cyclically shifts the output the same way."""
-    cfg = data.draw(gma_configs(padding_mode="circular"))
-    H, W = data.draw(grid_strategy(cfg, max_side=6))
+    cfg, (H, W), block, seed = case
     dy, dx = data.draw(st.integers(0, H - 1)), data.draw(st.integers(0, W - 1))
-    block = randomize_(gmf.GMABlock(cfg.dims[0], cfg.mlp_ratios[0], 0.0, cfg), seed).double().eval()
     C = cfg.dims[0]
 
     def shift(tokens):
@@ -568,8 +571,7 @@ def test_factorized_attention_is_an_unnormalised_n_by_n_map(N, d, seed):
 @pytest.mark.parametrize("attention", gmf.ATTENTION_CORES)
 def test_gradcheck_of_a_tiny_gma_layer(attention):
     """The analytic gradients of a GMA layer match finite differences (float64 gradcheck)."""
-    cfg = gmf.GroupMixFormerConfig(dims=(10,), depths=(1,), mlp_ratios=(1,), stage_strides=(1,),
-                                   num_heads=4, crpe_windows=((3, 1), (5, 3)), attention=attention)
+    cfg = one_stage_config(10, num_heads=4, crpe_windows=((3, 1), (5, 3)), attention=attention)
     gma = gma_layer(cfg, 0)
     x = random_tensor(0, 1, 6, 10).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: gma(t, (2, 3)), (x,), eps=1e-6, atol=1e-5)
@@ -608,8 +610,7 @@ def test_drop_path_drops_whole_samples_and_rescales_the_survivors():
 
 def test_one_drop_path_serves_both_residual_branches_of_a_block():
     """With the branches dropped, a training block is x + DWConv(x): the drop applies to GMA and MLP."""
-    cfg = gmf.GroupMixFormerConfig(dims=(10,), depths=(1,), mlp_ratios=(1,), stage_strides=(1,),
-                                   num_heads=4, crpe_windows=((3, 1), (5, 3)))
+    cfg = one_stage_config(10, num_heads=4, crpe_windows=((3, 1), (5, 3)))
     block = gmf.GMABlock(10, 1, 0.5, cfg).double().train()
     block.drop_path.forward = lambda branch: torch.zeros_like(branch)  # every sample dropped
     x = random_tensor(0, 2, 6, 10)
@@ -655,23 +656,24 @@ def test_same_seed_same_output():
     assert torch.equal(outputs[0], outputs[1])
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. The timm-style API and shapes
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
+# 4. API and shapes
+# ==============================================================================================
 
-@given(height=st.integers(1, 40), width=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
-def test_any_input_size_runs_and_grids_follow_the_convolutions(height, width, seed):
-    """Any size works, square or not: each stage's grid is what its stride-s convs produce."""
-    model = tiny_model().eval()
-    x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
-    maps = model.forward_stages(x)
-    expected_h, expected_w = height, width
-    for stride in model.cfg.stem_strides:
-        expected_h, expected_w = math.ceil(expected_h / stride), math.ceil(expected_w / stride)
-    for m, dim, stride in zip(maps, model.cfg.dims, model.cfg.stage_strides):
-        expected_h, expected_w = math.ceil(expected_h / stride), math.ceil(expected_w / stride)
-        assert m.shape == (1, dim, expected_h, expected_w)
-    assert [tuple(m.shape[-2:]) for m in maps] == model.grid_sizes((height, width))
+def conv_output_side(n, stride, kernel=3, padding=1):
+    """Side of a convolution's output: floor((n + 2 * padding - kernel) / stride) + 1."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def expected_stage_grids(image_size, cfg):
+    """Each stage's (H, W): the image through the stem's two 3x3 convs, then through each stage's
+    3x3 patch-embedding conv, all with padding 1 and their configured strides."""
+    h, w = image_size
+    grids = []
+    for stride in cfg.stem_strides + cfg.stage_strides:
+        h, w = conv_output_side(h, stride), conv_output_side(w, stride)
+        grids.append((h, w))
+    return grids[len(cfg.stem_strides):]
 
 
 def test_official_variant_stage_shapes_on_a_non_square_image():
@@ -679,6 +681,25 @@ def test_official_variant_stage_shapes_on_a_non_square_image():
     model = gmf.create_model("groupmixformer_m").eval()
     maps = model.forward_stages(torch.randn(1, 3, 96, 160))
     assert [tuple(m.shape) for m in maps] == [(1, 40, 24, 40), (1, 80, 12, 20), (1, 160, 6, 10), (1, 160, 3, 5)]
+    # The convolution formula the drawn test below relies on gives these grids too.
+    assert expected_stage_grids((96, 160), model.cfg) == [(24, 40), (12, 20), (6, 10), (3, 5)]
+
+
+@given(data=st.data(), stages=st.integers(1, 3), seed=seeds)
+def test_any_input_size_runs_and_grids_follow_the_convolutions(data, stages, seed):
+    """Any config and any input size, square or not, runs: stage i has width dims[i] and the grid
+    its stride-s convolutions produce, which grid_sizes() reports too."""
+    width = data.draw(st.sampled_from([10, 20, 30]))
+    dims = tuple(width * data.draw(st.integers(1, 2)) for _ in range(stages))
+    strides = tuple(data.draw(st.integers(1, 2)) for _ in range(stages))
+    stem = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)))
+    model = gmf.GroupMixFormer(dims=dims, depths=(1,) * stages, mlp_ratios=(1,) * stages,
+                               stage_strides=strides, stem_strides=stem, num_classes=3).eval()
+    H, W = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
+    maps = model.forward_stages(random_tensor(seed, 1, 3, H, W).float())
+    grids = expected_stage_grids((H, W), model.cfg)
+    assert [tuple(m.shape) for m in maps] == [(1, dim, h, w) for dim, (h, w) in zip(dims, grids)]
+    assert model.grid_sizes((H, W)) == grids
 
 
 def test_forward_is_forward_head_of_forward_features():
@@ -733,32 +754,51 @@ def test_python_gmf_prints_the_variant_table():
     assert "5,733,120" in result.stdout and "GFLOPs" in result.stdout
 
 
-# ==============================================================================================
-# Shapes for drawn configs
-# ==============================================================================================
-
-@given(data=st.data(), stages=st.integers(1, 3), seed=seeds)
-def test_stage_shapes_for_drawn_configs(data, stages, seed):
-    """Stage i has width dims[i] and the grid its strides give, for any valid config and image."""
-    width = data.draw(st.sampled_from([10, 20, 30]))
-    dims = tuple(width * data.draw(st.integers(1, 2)) for _ in range(stages))
-    strides = tuple(data.draw(st.integers(1, 2)) for _ in range(stages))
-    stem = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)))
-    model = gmf.GroupMixFormer(dims=dims, depths=(1,) * stages, mlp_ratios=(1,) * stages,
-                               stage_strides=strides, stem_strides=stem, num_classes=3).eval()
-    H, W = data.draw(st.integers(1, 20)), data.draw(st.integers(1, 20))
-    maps = model.forward_stages(random_tensor(seed, 1, 3, H, W).float())
-    h, w = H, W
-    for stride in stem:
-        h, w = -(-h // stride), -(-w // stride)
-    for m, dim, stride in zip(maps, dims, strides):
-        h, w = -(-h // stride), -(-w // stride)
-        assert m.shape == (1, dim, h, w)
-
-
 # ----------------------------------------------------------------------------------------------
-# 5. Fidelity to the official code: its checkpoint layout, written out from its module tree
+# Variants and create_model
 # ----------------------------------------------------------------------------------------------
+
+def test_list_models_names_every_variant():
+    """list_models() names the five official variants and at least one CIFAR variant, all buildable."""
+    names = gmf.list_models()
+    assert set(OFFICIAL) <= set(names)
+    assert any(name.startswith("groupmixformer_cifar") for name in names)
+
+
+def test_cifar_variant_keeps_a_spatial_grid_on_32x32():
+    """The CIFAR variant classifies 32 x 32 images into 10 classes and never shrinks to a 1 x 1 grid."""
+    model = gmf.create_model("groupmixformer_cifar").eval()
+    maps = model.forward_stages(torch.randn(2, 3, 32, 32))
+    assert all(m.shape[-1] >= 4 and m.shape[-2] >= 4 for m in maps)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_overrides_reach_the_model():
+    """create_model's overrides set classes, input channels, drop path, attention core, padding."""
+    model = gmf.create_model("groupmixformer_cifar", num_classes=7, in_chans=1, drop_path_rate=0.3,
+                             attention="softmax", padding_mode="circular").eval()
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    assert model.stages[-1].blocks[-1].drop_path.p == pytest.approx(0.3)
+    assert model.stages[0].blocks[0].drop_path.p == 0.0
+    assert model.stages[0].blocks[0].attn.attention == "softmax"
+    assert model.stem.conv1.padding_mode == "circular"
+
+
+def test_the_two_attention_cores_differ_only_in_the_core():
+    """Both cores have the same weights; their outputs differ, since the cores compute different maps."""
+    factorized = gmf.create_model("groupmixformer_cifar").eval()
+    softmax = gmf.create_model("groupmixformer_cifar", attention="softmax").eval()
+    softmax.load_state_dict(factorized.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(factorized(x), softmax(x))
+
+
+# ==============================================================================================
+# 5. Fidelity to the official code
+# ==============================================================================================
+
+# The official checkpoint's layout, written out from the official code's module tree.
 
 BATCH_NORM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -900,21 +940,82 @@ def test_official_logits_in_float32(mode):
     torch.testing.assert_close(logits[:, :4], torch.tensor(first, dtype=torch.float64), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not os.path.exists(OFFICIAL_M_LISTING), reason="needs ../shared/docs")
-def test_every_official_weight_name_maps_with_its_shape():
-    """Each name of the official M checkpoint listing maps onto a tensor of ours of the same shape."""
+# The official GroupMixFormer-M checkpoint (models/groupmixformer.py at commit 3d3f409 with
+# configs/groupmixformer_miny.yaml), module by module: each official module's weight shape, written
+# from the stage widths C = 40, 80, 160, 160. Its bias, BatchNorm statistics and norm bias are
+# (out,), out being the weight's first entry, and num_batches_tracked is a scalar; expanded over
+# official_names() this gives the shape of each of the checkpoint's 1149 tensors. Where
+# ../shared/docs holds the official code's own listing, a test checks that the two are identical.
+
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def official_m_module_shapes():
+    """{official module name: its weight's shape} for GroupMixFormer-M."""
+    shapes = {"conv_stem.proj1": (20, 3, 3, 3), "conv_stem.norm1": (20,),
+              "conv_stem.proj2": (40, 20, 3, 3), "conv_stem.norm2": (40,),
+              "norm4": (160,), "head": (1000, 160)}
+    dims, depths = (40, 80, 160, 160), (3, 3, 12, 4)
+    for i, (c_in, c) in enumerate(zip((40,) + dims[:-1], dims)):  # stage 0 embeds the stem's 40
+        shapes |= {f"patch_embed_layers.{i}.proj.conv1": (c_in, 1, 3, 3),
+                   f"patch_embed_layers.{i}.proj.pointwise_conv": (c, c_in, 1, 1),
+                   f"patch_embed_layers.{i}.norm": (c,)}
+        s, d = c // 5, c // 10  # s: one of 5 segments (4 attended, 1 not); d: a head, 2 per segment
+        block = {"cpe.proj": (c, 1, 3, 3), "norm1": (c,), "att.qkv": (3 * c, c), "att.proj": (c, c),
+                 "att.aggregator.norm0": (s,),  # window 1: the tokens themselves
+                 "att.aggregator.agg0.conv.conv1": (3 * s, 1, 3, 3),  # non-attention branch on [Q4|K4|V4]
+                 "att.aggregator.agg0.conv.pointwise_conv": (s, 3 * s, 1, 1), "att.aggregator.agg0.norm": (s,),
+                 "att.crpe.conv_list.0": (2 * d, 1, 3, 3),  # heads 2, 3, 3 with kernels 3, 5, 7
+                 "att.crpe.conv_list.1": (3 * d, 1, 5, 5), "att.crpe.conv_list.2": (3 * d, 1, 7, 7),
+                 "norm2": (c,), "mlp.fc1": (4 * c, c), "mlp.fc2": (c, 4 * c)}
+        for k, window in ((1, 3), (2, 5), (3, 7)):
+            block |= {f"att.aggregator.agg{k}.conv1": (s, 1, window, window),
+                      f"att.aggregator.agg{k}.pointwise_conv": (s, s, 1, 1), f"att.aggregator.norm{k}": (s,)}
+        shapes |= {f"groupmixformer_backbone.{i}.gma_stage.{j}.{name}": shape
+                   for j in range(depths[i]) for name, shape in block.items()}
+    return shapes
+
+
+def official_m_listing():
+    """{name: shape} of every tensor of the official GroupMixFormer-M checkpoint, in its order."""
+    modules = official_m_module_shapes()
     listing = {}
-    with open(OFFICIAL_M_LISTING) as f:
-        for line in f:
-            if not line.startswith("#"):
-                name, shape, _ = line.rstrip("\n").split("\t")
-                listing[name] = tuple(int(n) for n in shape.strip("()").split(",") if n.strip())
-    assert sorted(listing) == sorted(official_names((3, 3, 12, 4)))
+    for name in official_names((3, 3, 12, 4)):
+        module, tensor = name.rsplit(".", 1)
+        weight = modules[module]
+        if tensor == "weight":
+            listing[name] = weight
+        elif tensor == "num_batches_tracked":
+            listing[name] = ()
+        else:  # bias, running_mean, running_var: one per output channel
+            listing[name] = weight[:1]
+    return listing
+
+
+def test_every_official_weight_name_maps_with_its_shape():
+    """Each name of the official M checkpoint maps onto a tensor of ours of the same shape."""
+    listing = official_m_listing()
+    parameters = [shape for name, shape in listing.items() if not name.endswith(BUFFERS)]
+    # The official listing's totals: 1149 tensors, 864 of them parameters, 5,733,120 numbers.
+    assert (len(listing), len(parameters), sum(map(math.prod, parameters))) == (1149, 864, 5_733_120)
     ours = gmf.create_model("groupmixformer_m").state_dict()
     converted = gmf.convert_official_state_dict({name: torch.empty(shape) for name, shape in listing.items()})
     assert sorted(converted) == sorted(ours)
     for name, tensor in converted.items():
         assert tensor.shape == ours[name].shape, name
+
+
+@pytest.mark.skipif(not os.path.exists(OFFICIAL_M_LISTING), reason="needs ../shared/docs")
+def test_the_official_m_listing_is_the_one_written_out_here():
+    """The official code's own listing of the M checkpoint (name, shape, param or buffer, in order)
+    is exactly official_m_listing(), so the test above needs no file outside the repository."""
+    with open(OFFICIAL_M_LISTING) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if not line.startswith("#")]
+    official = [(name, tuple(int(n) for n in shape.strip("()").split(",") if n.strip()), kind)
+                for name, shape, kind in rows]
+    ours = [(name, shape, "buffer" if name.endswith(BUFFERS) else "param")
+            for name, shape in official_m_listing().items()]
+    assert ours == official
 
 
 @pytest.mark.parametrize("model_name", OFFICIAL)
@@ -962,7 +1063,7 @@ def test_missing_and_misshapen_weights_are_listed():
 
 
 # ----------------------------------------------------------------------------------------------
-# Variants and parameter counts
+# Parameter counts
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_name, params", [
@@ -975,59 +1076,18 @@ def test_official_parameter_counts(model_name, params):
     assert sum(p.numel() for p in model.parameters()) == params
 
 
-def test_list_models_names_every_variant():
-    """list_models() names the five official variants and at least one CIFAR variant, all buildable."""
-    names = gmf.list_models()
-    assert set(OFFICIAL) <= set(names)
-    assert any(name.startswith("groupmixformer_cifar") for name in names)
+# ==============================================================================================
+# 6. Bad input
+# ==============================================================================================
 
-
-def test_cifar_variant_keeps_a_spatial_grid_on_32x32():
-    """The CIFAR variant classifies 32 x 32 images into 10 classes and never shrinks to a 1 x 1 grid."""
-    model = gmf.create_model("groupmixformer_cifar").eval()
-    maps = model.forward_stages(torch.randn(2, 3, 32, 32))
-    assert all(m.shape[-1] >= 4 and m.shape[-2] >= 4 for m in maps)
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
-def test_overrides_reach_the_model():
-    """create_model's overrides set classes, input channels, drop path, attention core, padding."""
-    model = gmf.create_model("groupmixformer_cifar", num_classes=7, in_chans=1, drop_path_rate=0.3,
-                             attention="softmax", padding_mode="circular").eval()
-    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
-    assert model.stages[-1].blocks[-1].drop_path.p == pytest.approx(0.3)
-    assert model.stages[0].blocks[0].drop_path.p == 0.0
-    assert model.stages[0].blocks[0].attn.attention == "softmax"
-    assert model.stem.conv1.padding_mode == "circular"
-
-
-def test_the_two_attention_cores_differ_only_in_the_core():
-    """Both cores have the same weights; their outputs differ, since the cores compute different maps."""
-    factorized = gmf.create_model("groupmixformer_cifar").eval()
-    softmax = gmf.create_model("groupmixformer_cifar", attention="softmax").eval()
-    softmax.load_state_dict(factorized.state_dict(), strict=True)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert not torch.allclose(factorized(x), softmax(x))
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Bad input: clear errors
-# ----------------------------------------------------------------------------------------------
-
+# Widths, non-positive depths, strides and MLP ratios, and group sizes are drawn further below.
 BAD_CONFIGS = [
     (dict(attention="linear"), "attention='linear'"),
     (dict(padding_mode="reflect"), "padding_mode='reflect'"),
-    (dict(dims=(42, 80, 160, 160)), "42"),  # not 5 segments
-    (dict(dims=(45, 80, 160, 160)), "45"),  # segment 9 does not split into 2 heads
     (dict(num_heads=6), "num_heads=6"),  # not a multiple of the 4 attention segments
-    (dict(depths=(3, 3, 12)), "depths"),
-    (dict(depths=(3, 0, 12, 4)), "depths"),
-    (dict(mlp_ratios=(4, 4, 0, 4)), "mlp_ratios"),
-    (dict(group_sizes=(1, 3, 4, 7)), "group_sizes"),
+    (dict(depths=(3, 3, 12)), "depths"),  # one entry short of dims
     (dict(crpe_windows=((3, 2), (5, 3))), "crpe_windows"),
     (dict(stem_strides=(2, 2, 2)), "stem_strides"),
-    (dict(stage_strides=(1, 2, 0, 2)), "stage_strides"),
     (dict(num_classes=-1), "num_classes=-1"),
     (dict(in_chans=0), "in_chans=0"),
     (dict(drop_path_rate=1.0), "drop_path_rate=1.0"),
@@ -1043,17 +1103,39 @@ def test_impossible_configs_raise_value_error_naming_the_value(overrides, named)
 
 
 @given(width=st.integers(1, 400), heads=st.sampled_from([4, 8, 12, 16]))
+@example(width=42, heads=8)  # not 5 segments
+@example(width=45, heads=8)  # segments of 9 do not split into 2 heads each
 def test_stage_widths_must_split_into_segments_and_heads(width, heads):
     """A width builds exactly when it splits into 5 segments of whole heads; otherwise ValueError."""
-    crpe = ((3, heads // 4), (5, heads // 4), (7, heads - heads // 2))
-    config = dict(dims=(width,), depths=(1,), mlp_ratios=(1,), stage_strides=(1,),
-                  num_heads=heads, crpe_windows=crpe)
+    config = dict(num_heads=heads, crpe_windows=((3, heads // 4), (5, heads // 4), (7, heads - heads // 2)))
     fits = width % 5 == 0 and (width // 5) % (heads // 4) == 0 and width >= 2
     if fits:
-        gmf.GroupMixFormerConfig(**config)
+        one_stage_config(width, **config)
     else:
         with pytest.raises(ValueError, match=str(width)):
-            gmf.GroupMixFormerConfig(**config)
+            one_stage_config(width, **config)
+
+
+@given(field=st.sampled_from(["depths", "stage_strides", "stem_strides", "mlp_ratios"]),
+       position=st.integers(0, 3), bad=st.integers(-3, 0))
+@example(field="depths", position=1, bad=0)
+@example(field="stage_strides", position=2, bad=0)
+@example(field="mlp_ratios", position=2, bad=0)
+def test_non_positive_depths_strides_and_mlp_ratios_raise_value_error(field, position, bad):
+    """A depth, stride or MLP ratio of 0 or less, at any stage, is rejected at construction, naming the field."""
+    values = list(getattr(gmf.GroupMixFormerConfig(), field))
+    values[position % len(values)] = bad  # the stem has two strides, the stages four of each
+    with pytest.raises(ValueError, match=field):
+        gmf.GroupMixFormerConfig(**{field: tuple(values)})
+
+
+@given(group_sizes=st.lists(st.integers(-2, 8), min_size=1, max_size=4).filter(
+    lambda ks: any(k < 1 or k % 2 == 0 for k in ks)))
+@example(group_sizes=[1, 3, 4, 7])
+def test_even_or_non_positive_group_sizes_raise_value_error(group_sizes):
+    """A window without a centre token (even) or empty cannot make a proxy per token."""
+    with pytest.raises(ValueError, match="group_sizes"):
+        gmf.GroupMixFormerConfig(group_sizes=tuple(group_sizes))
 
 
 def test_unknown_model_or_override_is_named():
@@ -1064,13 +1146,20 @@ def test_unknown_model_or_override_is_named():
         gmf.create_model("groupmixformer_m", num_class=10)
 
 
-@pytest.mark.parametrize("shape, named", [
-    ((3, 32, 32), "rank 3"), ((2, 1, 32, 32), "3 input channels, got 1"),
-    ((2, 3, 0, 32), "empty"), ((2, 3, 32, 32, 1), "rank 5")])
-def test_wrong_inputs_raise_value_error(shape, named):
-    """Inputs of the wrong rank, channels or an empty size raise ValueError saying what is wrong."""
-    with pytest.raises(ValueError, match=named):
-        tiny_model()(torch.zeros(shape))
+@given(rank=st.integers(0, 6).filter(lambda r: r != 4), channels=st.integers(1, 5).filter(lambda c: c != 3),
+       empty=st.sampled_from([(0, 3, 8, 8), (1, 3, 0, 8), (1, 3, 8, 0)]))
+@example(rank=3, channels=1, empty=(2, 3, 0, 32))
+@example(rank=5, channels=1, empty=(2, 3, 0, 32))
+def test_inputs_of_the_wrong_rank_channels_or_size_raise_value_error(rank, channels, empty):
+    """Any rank but 4, a channel count other than in_chans, or an empty batch or image raises
+    ValueError saying what is wrong."""
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match=f"rank {rank}"):
+        model(torch.zeros((2,) * rank))
+    with pytest.raises(ValueError, match=f"3 input channels, got {channels}"):
+        model(torch.zeros(1, channels, 8, 8))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(empty))
 
 
 def test_circular_padding_needs_grids_as_large_as_its_windows():
@@ -1082,386 +1171,7 @@ def test_circular_padding_needs_grids_as_large_as_its_windows():
 
 
 # ==============================================================================================
-# Bad input, drawn
-# ==============================================================================================
-
-@given(rank=st.integers(0, 6).filter(lambda r: r != 4), channels=st.integers(1, 5))
-def test_inputs_of_the_wrong_rank_or_channels_raise_value_error(rank, channels):
-    """Any rank but 4, or a channel count other than in_chans, raises ValueError naming it."""
-    model = tiny_model().eval()
-    with pytest.raises(ValueError, match=f"rank {rank}"):
-        model(torch.zeros((2,) * rank))
-    if channels != 3:
-        with pytest.raises(ValueError, match=f"got {channels}"):
-            model(torch.zeros(1, channels, 8, 8))
-
-
-@given(field=st.sampled_from(["depths", "stage_strides", "stem_strides"]), bad=st.integers(-3, 0))
-def test_non_positive_depths_and_strides_raise_value_error(field, bad):
-    """Depths and strides below 1 are rejected at construction, naming the field."""
-    values = list(getattr(gmf.GroupMixFormerConfig(), field))
-    values[-1] = bad
-    with pytest.raises(ValueError, match=field):
-        gmf.GroupMixFormerConfig(**{field: tuple(values)})
-
-
-@given(group_sizes=st.lists(st.integers(-2, 8), min_size=1, max_size=4).filter(
-    lambda ks: any(k < 1 or k % 2 == 0 for k in ks)))
-def test_even_or_non_positive_group_sizes_raise_value_error(group_sizes):
-    """A window without a centre token (even) or empty cannot make a proxy per token."""
-    with pytest.raises(ValueError, match="group_sizes"):
-        gmf.GroupMixFormerConfig(group_sizes=tuple(group_sizes))
-
-
-# ==============================================================================================
-# 7. train_cifar.py, on tiny synthetic data
-# ==============================================================================================
-
-TINY_RUN = ["--synthetic", "--subset", "96", "--val-size", "48", "--batch-size", "32", "--epochs", "2",
-            "--device", "cpu", "--warmup-epochs", "1"]
-
-
-def run_trainer(argv, capsys=None):
-    status = train_cifar.main(argv)
-    return status, (capsys.readouterr() if capsys else None)
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")} for row in rows]
-
-
-def test_a_training_run_writes_config_metrics_checkpoints_and_final_results(tmp_path, capsys):
-    """A run writes config.json, one metrics line per epoch, loadable checkpoints and final.json."""
-    out = str(tmp_path / "run")
-    status, printed = run_trainer(TINY_RUN + ["--out", out], capsys)
-    assert status == 0, printed.err
-    rows = metrics(out)
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert set(rows[0]) == {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                            "epoch_seconds", "images_per_second"}
-    final = json.load(open(os.path.join(out, "final.json")))
-    assert 0 <= final["test_acc"] <= 100 and final["epochs"] == 2 and final["parameters"] > 0
-    assert {"val_acc", "train_seconds", "wall_seconds", "device", "torch", "command"} <= set(final)
-    assert json.load(open(os.path.join(out, "config.json")))["subset"] == 96
-    for name in ("last.pt", "best.pt"):
-        checkpoint = torch.load(os.path.join(out, name), weights_only=True)
-        model = gmf.create_model("groupmixformer_cifar")
-        model.load_state_dict(checkpoint["model"])
-    assert "test accuracy" in printed.out and "warning: no GPU" in printed.err
-
-
-def test_the_long_run_options_train_and_checkpoint(tmp_path, capsys):
-    """Cutmix, an EMA of the weights and flip test-time augmentation run and are checkpointed."""
-    out = str(tmp_path / "run")
-    one_epoch = [a if a != "2" else "1" for a in TINY_RUN]
-    status, printed = run_trainer(one_epoch + ["--out", out, "--cutmix", "1.0", "--ema", "0.9", "--tta"], capsys)
-    assert status == 0, printed.err
-    checkpoint = torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    assert checkpoint["ema"].keys() == checkpoint["model"].keys()
-    assert not torch.equal(checkpoint["ema"]["head.weight"], checkpoint["model"]["head.weight"])
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert not os.path.exists(os.path.join(out, "curves.png"))  # optional: skipped quietly
-    else:
-        assert os.path.getsize(os.path.join(out, "curves.png")) > 0
-
-
-def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path, monkeypatch, capsys):
-    """Resuming restores weights, optimizer, schedule, step and every RNG: identical metrics."""
-    straight = str(tmp_path / "straight")
-    assert run_trainer(TINY_RUN + ["--out", straight]) == (0, None)
-
-    interrupted = str(tmp_path / "interrupted")
-    save = train_cifar.save_atomically
-
-    def save_then_interrupt(obj, path):
-        save(obj, path)
-        if path.endswith("last.pt"):
-            raise KeyboardInterrupt  # as if Ctrl-C came right after epoch 1's checkpoint
-
-    monkeypatch.setattr(train_cifar, "save_atomically", save_then_interrupt)
-    status, printed = run_trainer(TINY_RUN + ["--out", interrupted], capsys)
-    assert status == 130 and "--resume" in printed.err
-    assert [r["epoch"] for r in metrics(interrupted)] == [1]
-    monkeypatch.setattr(train_cifar, "save_atomically", save)
-    assert run_trainer(["--resume", "auto", "--out", interrupted, "--device", "cpu"]) == (0, None)
-
-    assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
-    finals = [json.load(open(os.path.join(d, "final.json"))) for d in (straight, interrupted)]
-    assert finals[0]["test_acc"] == finals[1]["test_acc"] and finals[0]["test_loss"] == finals[1]["test_loss"]
-
-    # A checkpoint carries the random streams of its device: a GPU run cannot go on on the CPU.
-    checkpoint = torch.load(os.path.join(interrupted, "last.pt"), weights_only=True)
-    checkpoint["rng"]["device"] = "cuda"
-    torch.save(checkpoint, os.path.join(interrupted, "last.pt"))
-    status, printed = run_trainer(["--resume", "auto", "--out", interrupted, "--device", "cpu"], capsys)
-    assert status == 2 and "--device cuda" in printed.err and "Traceback" not in printed.err
-
-
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_trains_checkpoints_and_resumes_exactly(precision, tmp_path, monkeypatch):
-    """Reduced precision, run on the CPU: the model's logits come out in bf16 or fp16, the run
-    resumes to exactly the uninterrupted metrics, and fp16's loss scale is checkpointed (the
-    scale is a power of two, so only the saved scale itself shows whether it was restored)."""
-    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    # fp16 convolutions are slow on a CPU: fewer, smaller batches and a 16-image test set.
-    run = ["--synthetic", "--subset", "8", "--val-size", "8", "--batch-size", "4", "--epochs", "2",
-           "--device", "cpu", "--warmup-epochs", "1", "--precision", precision]
-    monkeypatch.setattr(train_cifar, "synthetic_cifar", functools.partial(train_cifar.synthetic_cifar, test=16))
-    # A loss scale that starts low and doubles after every step without overflow (not every 2,000).
-    moving_scale = functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 10, growth_interval=1)
-    monkeypatch.setattr(torch.amp, "GradScaler", moving_scale)
-    dtypes, loss_function = set(), train_cifar.loss_function
-
-    def recording_dtype(logits, targets, smoothing):
-        dtypes.add(logits.dtype)
-        return loss_function(logits, targets, smoothing)
-
-    monkeypatch.setattr(train_cifar, "loss_function", recording_dtype)
-    assert run_trainer(run + ["--out", straight]) == (0, None)
-    assert dtypes == {train_cifar.AUTOCAST_DTYPES[precision]}
-    final = json.load(open(os.path.join(straight, "final.json")))
-    assert final["precision"] == precision and math.isfinite(final["test_loss"])
-    scaler = torch.load(os.path.join(straight, "last.pt"), weights_only=True)["scaler"]
-    assert (scaler["scale"] > 0) if precision == "fp16" else scaler == {}
-
-    save = train_cifar.save_atomically
-
-    def save_then_interrupt(obj, path):
-        save(obj, path)
-        if path.endswith("last.pt"):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_cifar, "save_atomically", save_then_interrupt)
-    assert run_trainer(run + ["--out", interrupted])[0] == 130
-    monkeypatch.setattr(train_cifar, "save_atomically", save)
-    assert run_trainer(["--resume", "auto", "--out", interrupted, "--device", "cpu"]) == (0, None)
-    assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
-    scalers = [torch.load(os.path.join(d, "last.pt"), weights_only=True)["scaler"] for d in (straight, interrupted)]
-    assert scalers[0] == scalers[1]
-
-
-def test_the_ema_is_an_exponential_moving_average_of_weights_and_statistics():
-    """After an update, ema = decay * ema + (1 - decay) * current; integer counters are copied."""
-    model, generator = tiny_model(), torch.Generator().manual_seed(0)
-    ema = train_cifar.EMA(model, decay=0.75)
-    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
-    with torch.no_grad():
-        for tensor in model.state_dict().values():  # every weight, statistic and counter moves
-            tensor.add_((torch.rand(tensor.shape, generator=generator) + 1).to(tensor.dtype))
-    ema.update()
-    for name, value in model.state_dict().items():
-        if value.is_floating_point():
-            torch.testing.assert_close(ema.model.state_dict()[name], 0.75 * before[name] + 0.25 * value)
-        else:
-            assert torch.equal(ema.model.state_dict()[name], value)
-
-
-@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16")])
-def test_auto_precision_is_bf16_on_ampere_and_newer_fp16_before_and_fp32_on_the_cpu(
-        capability, expected, monkeypatch):
-    """Native bf16 arrived with Ampere (compute capability 8.0); older GPUs get fp16."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert train_cifar.pick_precision("auto", torch.device("cuda")) == expected
-    assert train_cifar.pick_precision("auto", torch.device("cpu")) == "fp32"
-    assert train_cifar.pick_precision("fp16", torch.device("cpu")) == "fp16"
-
-
-def test_without_data_or_network_the_script_says_what_to_do_in_one_line(tmp_path):
-    """No data and no download: exit status 2 and one line naming --data-dir and --synthetic."""
-    result = subprocess.run([sys.executable, os.path.join(HERE, "train_cifar.py"), "--data-dir",
-                             str(tmp_path), "--no-download", "--device", "cpu", "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and "--data-dir" in errors[0] and "--synthetic" in errors[0]
-    assert "Traceback" not in result.stderr
-
-
-def test_a_failed_download_gives_the_same_one_line_error(tmp_path, monkeypatch, capsys):
-    """When downloading fails (no network), the error names the offline options, no traceback."""
-    import torchvision
-
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    status, printed = run_trainer(["--data-dir", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "o")],
-                                  capsys)
-    assert status == 2 and "network is unreachable" in printed.err and "--synthetic" in printed.err
-
-
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    """A NaN loss in epoch 2 stops the run with exit status 3; last.pt still holds epoch 1."""
-    out = str(tmp_path / "run")
-    loss_function = train_cifar.loss_function
-    steps = []
-
-    def nan_in_epoch_2(logits, targets, smoothing):
-        steps.append(1)
-        loss = loss_function(logits, targets, smoothing)
-        return loss * float("nan") if len(steps) > 3 else loss  # 3 steps per epoch
-
-    monkeypatch.setattr(train_cifar, "loss_function", nan_in_epoch_2)
-    status, printed = run_trainer(TINY_RUN + ["--out", out], capsys)
-    assert status == 3 and "nan" in printed.err and "last.pt" in printed.err
-    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1
-
-
-def test_a_corrupt_checkpoint_gives_a_clear_error(tmp_path, capsys):
-    """A damaged checkpoint is named in a one-line error with exit status 2."""
-    path = tmp_path / "last.pt"
-    path.write_bytes(b"not a checkpoint")
-    status, printed = run_trainer(["--resume", str(path), "--device", "cpu"], capsys)
-    assert status == 2 and str(path) in printed.err and "damaged" in printed.err
-
-
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    """If writing a checkpoint fails, the error is one line and the old file is left intact."""
-    path = str(tmp_path / "last.pt")
-    train_cifar.save_atomically({"epoch": 1}, path)
-
-    def disk_full(obj, f):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(train_cifar.UserError, match="No space left"):
-        train_cifar.save_atomically({"epoch": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=True) == {"epoch": 1}
-    assert os.listdir(tmp_path) == ["last.pt"]
-
-
-def test_image_folder_and_cifar_pickle_layouts_load(tmp_path):
-    """--data-dir reads an ImageFolder tree (labels = sorted class folders) and the pickle layout."""
-    from PIL import Image
-
-    for split in ("train", "test"):
-        for label, name in enumerate(["cat", "airplane"]):  # sorted: airplane = 0, cat = 1
-            os.makedirs(tmp_path / "folder" / split / name)
-            pixels = torch.full((32, 32, 3), 100 * label, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(tmp_path / "folder" / split / name / "0.png")
-    args = train_cifar.parse_args(["--data-dir", str(tmp_path / "folder")])
-    images, labels, test_images, test_labels = train_cifar.load_data(args)
-    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
-    assert labels.tolist() == [0, 1] and images[0].max() == 100 and images[1].max() == 0
-
-    folder = tmp_path / "pickles" / "cifar-10-batches-py"
-    os.makedirs(folder)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": torch.arange(2 * 3072).remainder(256).reshape(2, 3072).to(torch.uint8).numpy(),
-                         "labels": [3, 7]}, f)
-    args = train_cifar.parse_args(["--data-dir", str(tmp_path / "pickles"), "--no-download"])
-    images, labels, test_images, test_labels = train_cifar.load_data(args)
-    assert images.shape == (10, 3, 32, 32) and test_labels.tolist() == [3, 7]
-    assert images[0, 0, 0, :3].tolist() == [0, 1, 2]  # rows of R, then G, then B, as CIFAR stores them
-
-
-@given(seed=seeds)
-def test_augmentation_crops_are_shifted_windows_of_the_padded_image(seed):
-    """Each augmented image is a 32 x 32 window of its reflect-padded original, maybe mirrored."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    crops = train_cifar.random_crop_flip(images, torch.Generator().manual_seed(seed))
-    padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
-    for image, crop in zip(padded, crops):
-        windows = [image[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
-        assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(2)) for w in windows)
-
-
-@given(seed=seeds)
-def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_targets_by_its_area(seed):
-    """Each image gets a box (the same for all) from an image of the batch, maybe itself, and the
-    donor's class gets the box's share of the target. The box comes from Python's `random`."""
-    random.seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(5, 3, 8, 8, generator=generator)
-    mixed, targets = train_cifar.cutmix(images, torch.eye(5), generator)  # sample i is class i
-    torch.testing.assert_close(targets.sum(1), torch.ones(5))
-    pasted = (mixed != images).any(1)  # (5, 8, 8): pixels that now come from another image
-    boxes = set()
-    for i in range(5):
-        donors = [j for j in range(5) if j != i and targets[i, j] > 0]
-        if not donors:  # its own image drawn, or an empty box
-            assert torch.equal(mixed[i], images[i])
-            continue
-        (j,) = donors
-        rows, cols = pasted[i].nonzero().unbind(1)
-        box = (slice(rows.min().item(), rows.max().item() + 1), slice(cols.min().item(), cols.max().item() + 1))
-        assert pasted[i].sum() == pasted[i][box].numel()  # one filled rectangle
-        assert torch.equal(mixed[i][:, box[0], box[1]], images[j][:, box[0], box[1]])
-        assert targets[i, j].item() == pytest.approx(pasted[i].sum().item() / 64)
-        boxes.add((box[0].start, box[0].stop, box[1].start, box[1].stop))
-    assert len(boxes) <= 1
-
-
-def test_the_untimed_warm_up_leaves_weights_statistics_and_rng_as_they_were():
-    """The untimed warm-up pass (on a GPU, or for --compile) must not change the run: state and
-    RNG restored."""
-    model = tiny_model(num_classes=10, drop_path_rate=0.5)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
-    rng = torch.get_rng_state()
-    train_cifar.warm_up_untimed(model, model, images, lambda: torch.autocast("cpu", enabled=False))
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert all(p.grad is None for p in model.parameters())
-
-
-@pytest.mark.slow
-def test_a_compiled_run_trains_the_same_network_and_compiles_only_before_the_timed_epochs(
-        tmp_path, monkeypatch):
-    """--compile trains what the plain model trains (to rounding: the compiler may reorder sums;
-    no drop path, whose random masks the compiler may draw differently), and a recompilation in
-    the timed epochs would raise. The CPU compiles with a C++ compiler, a GPU with Triton; the
-    graph capture checked here is the same on both."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    plain, compiled = str(tmp_path / "plain"), str(tmp_path / "compiled")
-    run = TINY_RUN + ["--drop-path", "0"]
-    assert run_trainer(run + ["--out", plain]) == (0, None)
-    assert run_trainer(run + ["--out", compiled, "--compile"]) == (0, None)
-    for expected, got in zip(metrics(plain), metrics(compiled), strict=True):
-        for name in ("train_loss", "val_loss"):
-            assert got[name] == pytest.approx(expected[name], rel=1e-3), name
-
-
-def test_a_preset_sets_its_defaults_and_flags_given_still_win():
-    """--preset long changes the recipe's defaults; an explicit flag overrides the preset."""
-    default, long = train_cifar.parse_args([]), train_cifar.parse_args(["--preset", "long"])
-    changed = {k for k in vars(default) if getattr(default, k) != getattr(long, k)}
-    assert changed == {"preset"} | set(train_cifar.PRESETS["long"])
-    assert all(getattr(long, k) == v for k, v in train_cifar.PRESETS["long"].items())
-    mine = train_cifar.parse_args(["--preset", "long", "--epochs", "3", "--no-tta"])
-    assert (mine.epochs, mine.cutmix, mine.tta) == (3, train_cifar.PRESETS["long"]["cutmix"], False)
-
-
-@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),
-                                         ("--val-size", "-5"), ("--cutmix", "2")])
-def test_impossible_training_options_are_refused(flag, value, capsys):
-    """Options that cannot describe a run stop the script with exit status 2, naming the option."""
-    with pytest.raises(SystemExit) as stop:
-        train_cifar.parse_args([flag, value])
-    assert stop.value.code == 2 and flag in capsys.readouterr().err
-
-
-def test_learning_rate_warms_up_then_decays_to_zero():
-    """The schedule rises linearly over the warm-up and follows a cosine down to zero."""
-    factors = [train_cifar.lr_factor(step, 10, 110) for step in range(110)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert factors[60] == pytest.approx(0.5) and factors[-1] < 1e-3
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
-
-
-# ==============================================================================================
-# 8. tutorial.md stays true
+# 7. tutorial.md
 # ==============================================================================================
 
 TUTORIAL = os.path.join(HERE, "tutorial.md")
