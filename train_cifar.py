@@ -1,26 +1,28 @@
-"""Train a scaled-down GroupMixFormer on CIFAR-10, from scratch, on one GPU (or a CPU).
+"""Train a scaled-down GroupMixFormer on CIFAR-10, from scratch, on one GPU, a Mac or a CPU.
 
-    python train_cifar.py                                   # GPU: download CIFAR-10 to ./data, train, test
+    python train_cifar.py                                   # downloads CIFAR-10 to ./data, trains, tests once
     python train_cifar.py --data-dir path/to/cifar10-jpeg   # offline: an ImageFolder tree (train/, test/)
-    python train_cifar.py --preset long                     # 100 epochs, with cutmix and flip averaging
-    python train_cifar.py --device cpu --subset 2000 --epochs 1 --val-size 500   # CPU smoke run
+    python train_cifar.py --seeds 3                         # seeds 0, 1, 2: mean and std of accuracy and time
+    python train_cifar.py --device cpu --subset 8000 --val-size 1000 --batch-size 128 --epochs 2 \
+                          --warmup-epochs 0.5               # a first run on a CPU: about 5 minutes
+    python train_cifar.py --epochs 100 --cutmix 0.5 --drop-path 0.2 --tta   # longer, more regularised
     python train_cifar.py --synthetic --epochs 1            # the whole pipeline, no files needed
-    python train_cifar.py --resume auto --out runs/mine     # continue an interrupted run
-    python train_cifar.py --resume runs/mine/last.pt        # the same, naming the checkpoint
+    python train_cifar.py --resume runs/mine                # continue an interrupted run (or series)
 
 The dataset lives on the device as one uint8 tensor; cropping, flipping (and, if asked, cutmix)
 run there in batch, so no DataLoader is involved. Recipe: AdamW without decay on biases and norm
-scales, linear warm-up then cosine decay per step, label smoothing, gradient clipping, bf16
-autocast on the GPU (fp16 with loss scaling on GPUs older than Ampere; --precision chooses).
+scales, linear warm-up then cosine decay per step, label smoothing, gradient clipping, and
+autocast on CUDA GPUs (bf16, or fp16 with loss scaling before Ampere; --precision chooses).
 5,000 training images are held out for validation: they pick best.pt and are printed every
 epoch. The test set is evaluated once, at the end, on the final weights.
 
 Every run writes to --out (default runs/<timestamp>): config.json, metrics.jsonl (one line per
-epoch), last.pt (every epoch, written atomically) and best.pt, final.json, and curves.png when
-matplotlib is installed. An interrupted run resumed with --resume ends with exactly the metrics
-of an uninterrupted one on the CPU (on a GPU, up to the non-determinism of its kernels).
-Epoch times leave out one untimed warm-up pass, made on a GPU or with --compile, that compiles
-and picks convolution algorithms; final.json's wall_seconds counts everything, loading included.
+epoch), last.pt and best.pt (written atomically), final.json, and curves.png when matplotlib is
+installed. A series (--seeds N) puts each run in OUT/seed<k>/ and the mean and std in
+OUT/summary.json. A resumed run ends with exactly the metrics of an uninterrupted one on the CPU
+(on a GPU, up to the non-determinism of its kernels). Epoch times leave out one untimed warm-up
+step, made on a GPU or with --compile, that compiles and picks convolution algorithms;
+final.json's wall_seconds counts everything, loading included.
 """
 import argparse
 import copy
@@ -28,8 +30,7 @@ import functools
 import json
 import math
 import os
-import pickle
-import random
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,8 @@ import gmf
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+CPU_FIRST_RUN = "--device cpu --subset 8000 --val-size 1000 --batch-size 128 --epochs 2 --warmup-epochs 0.5"
 
 
 class UserError(Exception):
@@ -52,61 +55,46 @@ class Diverged(Exception):
     """The loss became NaN or infinite."""
 
 
-# Named recipes: a preset changes these defaults, and flags given on the command line still win.
-PRESETS = {
-    "fast": {},  # the defaults below
-    "long": dict(epochs=100, cutmix=0.5, drop_path=0.2, tta=True),  # more regularisation for 2.5x the epochs
-}
-
-
-def preset_flags(name):
-    """A preset written as the flags it stands for, e.g. '--epochs 100 --tta'."""
-    return " ".join(f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}")
-                    for key, value in PRESETS[name].items())
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--data-dir", default="./data",
-                      help="torchvision CIFAR-10 root (cifar-10-batches-py/) or ImageFolder tree (train/, test/)")
-    data.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
-    data.add_argument("--synthetic", action="store_true", help="generated images: tests the pipeline, no files")
-    data.add_argument("--subset", type=int, default=0, help="use N training images after a seeded shuffle (0: all)")
-    data.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
-    model = p.add_argument_group("model")
-    model.add_argument("--model", default="groupmixformer_cifar", help=f"one of {gmf.list_models()}")
-    model.add_argument("--attention", default="factorized", choices=gmf.ATTENTION_CORES)
-    model.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
-    recipe = p.add_argument_group("recipe")
-    recipe.add_argument("--preset", default="fast", choices=PRESETS,
-                        help="fast: the defaults shown here; long: " + preset_flags("long"))
-    recipe.add_argument("--epochs", type=int, default=40, help="passes over the training images")
-    recipe.add_argument("--batch-size", type=int, default=256, help="images per optimisation step")
-    recipe.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
-    recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of matrices and kernels")
-    recipe.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warm-up of the learning rate")
-    recipe.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy targets")
-    recipe.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0: off)")
-    recipe.add_argument("--cutmix", type=float, default=0.0, help="probability of cutmix per batch (long runs)")
-    recipe.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights used for eval (0: off)")
-    recipe.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
-                        help="average logits over the image and its mirror at eval")
-    run = p.add_argument_group("run")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                     help="autocast dtype. auto: bf16 on GPUs with native bf16 (Ampere and newer), fp16 "
-                          "with loss scaling on older GPUs, fp32 on the CPU")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
-    run.add_argument("--resume", default=None, help="a last.pt to continue from, or 'auto' for OUT/last.pt")
+    add = p.add_argument
+    # data
+    add("--data-dir", default=None, help="torchvision's CIFAR-10 folder (cifar-10-batches-py/) or an "
+        "ImageFolder tree (train/, test/); default ./data, or on --resume the run's own")
+    add("--no-download", action="store_true", help="never download CIFAR-10")
+    add("--synthetic", action="store_true", help="generated images: tests the pipeline, no files")
+    add("--subset", type=int, default=0, help="use N training images after a seeded shuffle (0: all)")
+    add("--val-size", type=int, default=5000, help="training images held out for validation")
+    # model
+    add("--model", default="groupmixformer_cifar", help=f"one of {gmf.list_models()}")
+    add("--attention", default="factorized", choices=gmf.ATTENTION_CORES)
+    add("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    # recipe
+    add("--epochs", type=int, default=40, help="passes over the training images")
+    add("--batch-size", type=int, default=256, help="images per optimisation step")
+    add("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
+    add("--weight-decay", type=float, default=0.05, help="AdamW weight decay of matrices and kernels")
+    add("--warmup-epochs", type=float, default=2.0, help="linear warm-up of the learning rate")
+    add("--label-smoothing", type=float, default=0.1, help="label smoothing of the targets")
+    add("--grad-clip", type=float, default=5.0, help="max gradient norm (0: off)")
+    add("--cutmix", type=float, default=0.0, help="probability of cutmix per batch")
+    add("--ema", type=float, default=0.0, help="EMA decay of the weights used for eval (0: off)")
+    add("--tta", action=argparse.BooleanOptionalAction, default=False,
+        help="average logits over the image and its mirror at eval")
+    # run
+    add("--device", default=None, choices=["auto", "cuda", "mps", "cpu"],
+        help="default auto (CUDA, else Apple's MPS, else the CPU), or on --resume the run's own")
+    add("--precision", default="auto", choices=["auto", *AUTOCAST_DTYPES],
+        help="autocast dtype. auto: bf16 on CUDA GPUs with native bf16 (Ampere and newer), "
+             "fp16 with loss scaling on older ones, fp32 elsewhere")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--seed", type=int, default=0, help="seed of the split, the initialisation and the augmentation")
+    add("--seeds", type=int, default=1, help="run seeds SEED, SEED+1, ...: a series, with mean and std")
+    add("--out", default=None, help="output folder (default runs/<timestamp>)")
+    add("--resume", default=None, help="continue the run (or series) in this folder, or from a last.pt")
     args = p.parse_args(argv)
-    if PRESETS[args.preset]:
-        p.set_defaults(**PRESETS[args.preset])
-        args = p.parse_args(argv)
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "seeds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     for name in ("subset", "val_size", "warmup_epochs", "grad_clip", "weight_decay", "label_smoothing"):
@@ -130,43 +118,17 @@ def load_data(args):
     root = args.data_dir
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
         return (*load_image_folder(os.path.join(root, "train")), *load_image_folder(os.path.join(root, "test")))
-    if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
-        if args.no_download:
-            raise UserError(no_data_message(root, "and --no-download is set"))
-        download_cifar(root)
-    return load_cifar_pickles(os.path.join(root, "cifar-10-batches-py"))
-
-
-def no_data_message(root, why):
-    return (f"no CIFAR-10 in {root!r} {why}. Give --data-dir a folder holding cifar-10-batches-py/ "
-            "or an ImageFolder tree with train/<class>/ and test/<class>/ image folders, "
-            "or run --synthetic to try the pipeline without data")
-
-
-def download_cifar(root):
     import torchvision
 
-    print(f"downloading CIFAR-10 into {root} ...", flush=True)
-    try:
-        torchvision.datasets.CIFAR10(root, train=True, download=True)
-    except Exception as error:  # no network, proxy, checksum: all end the same way for the user
-        raise UserError(no_data_message(root, f"and downloading failed ({type(error).__name__}: {error})"))
-
-
-def load_cifar_pickles(folder):
-    def read(names):
-        images, labels = [], []
-        for name in names:
-            with open(os.path.join(folder, name), "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            images.append(torch.as_tensor(batch["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-            labels.append(torch.as_tensor(batch["labels"], dtype=torch.int64))
-        return torch.cat(images), torch.cat(labels)
-
-    try:
-        return (*read([f"data_batch_{i}" for i in range(1, 6)]), *read(["test_batch"]))
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
-        raise UserError(f"cannot read CIFAR-10 from {folder}: {error}")
+    try:  # torchvision's own CIFAR-10 files (cifar-10-batches-py/), downloaded if need be
+        splits = [torchvision.datasets.CIFAR10(root, train=train, download=not args.no_download)
+                  for train in (True, False)]
+    except Exception as error:  # not there, no network, a checksum: all end the same way for the user
+        raise UserError(f"no CIFAR-10 in {root!r} ({type(error).__name__}: {error}). Give --data-dir a "
+                        "folder holding cifar-10-batches-py/ or an ImageFolder tree with train/<class>/ and "
+                        "test/<class>/ image folders, or run --synthetic to try the pipeline without data")
+    (train, test) = ((torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets)) for s in splits)
+    return (*train, *test)  # images (N, 32, 32, 3) -> (N, 3, 32, 32)
 
 
 def load_image_folder(folder):
@@ -220,7 +182,8 @@ def split_train_val(images, labels, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentation and normalisation, in batch on the device
+# Augmentation, in batch on the device. Random numbers come from the device's own generator
+# (the crops) and the CPU's (cutmix's box, which the host needs for slicing): no waiting.
 # ----------------------------------------------------------------------------------------------
 
 def normalize(images):
@@ -231,36 +194,34 @@ def normalize(images):
 
 @functools.lru_cache
 def channel_statistics(device):
-    """CIFAR-10's channel mean and std, (1, 3, 1, 1) each, made once per device: copying them from
-    the host at every step would make the CPU wait until the GPU has finished its queue."""
+    """(1, 3, 1, 1) mean and std, made once per device: a copy from the host at every step would
+    make the CPU wait until the GPU has finished its queue."""
     return (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
             torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
 
 
-def random_crop_flip(images, generator, pad=4):
+def random_crop_flip(images, generator=None, pad=4):
     """Random 32 x 32 crops of the reflect-padded batch, and a random half mirrored."""
     B, C, H, W = images.shape
+    device = images.device
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (B,), device=images.device, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (B,), device=images.device, generator=generator)
-    rows = (dy[:, None] + torch.arange(H, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(W, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
-    batch = torch.arange(B, device=images.device)[:, None, None, None]
-    channels = torch.arange(C, device=images.device)[None, :, None, None]
+    dy = torch.randint(0, 2 * pad + 1, (B,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (B,), device=device, generator=generator)
+    rows = (dy[:, None] + torch.arange(H, device=device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(B, device=device)[:, None, None, None]
+    channels = torch.arange(C, device=device)[None, :, None, None]
     crops = padded[batch, channels, rows, cols]  # (B, C, H, W)
-    flip = torch.rand(B, device=images.device, generator=generator) < 0.5
+    flip = torch.rand(B, device=device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)
 
 
-def cutmix(images, targets, generator):
-    """Paste a random box from a shuffled copy of the batch; mix the one-hot targets by area.
-
-    The box is drawn with Python's `random` on the host (seeded and checkpointed like the rest):
-    numbers drawn on the GPU would have to be waited for before slicing."""
+def cutmix(images, targets, generator=None):
+    """Paste one random box from a shuffled copy of the batch; mix the one-hot targets by area."""
     B, C, H, W = images.shape
-    lam = random.random()
+    lam, ry, rx = torch.rand(3).tolist()  # on the CPU: the box's corners are needed on the host
     h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-    y, x = random.randint(0, H - h), random.randint(0, W - w)
+    y, x = int(ry * (H - h + 1)), int(rx * (W - w + 1))
     perm = torch.randperm(B, device=images.device, generator=generator)
     images = images.clone()
     images[:, :, y:y + h, x:x + w] = images[perm, :, y:y + h, x:x + w]
@@ -269,19 +230,78 @@ def cutmix(images, targets, generator):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: everything needed to continue exactly, loadable with weights_only=True
+# Devices, precision, files
 # ----------------------------------------------------------------------------------------------
 
-def save_atomically(obj, path):
-    """Write to a temporary file and rename it over `path`: a crash never leaves half a file."""
+def pick_device(choice):
+    """auto: CUDA, else Apple's MPS, else the CPU. A device asked for by name must be there."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if choice == "auto":
+        choice = next(name for name in ("cuda", "mps", "cpu") if available[name])
+    elif not available[choice]:
+        raise UserError(f"--device {choice} was asked for, but PyTorch sees no {choice.upper()} device "
+                        "here (--device auto takes what there is)")
+    return torch.device(choice)
+
+
+def pick_precision(choice, device):
+    """bf16 keeps float32's exponent range, so it needs no loss scaling; CUDA GPUs before Ampere
+    (T4, V100, RTX 20xx) only emulate it, slowly, but have fast fp16. Elsewhere: fp32."""
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
+def make_scaler(device, precision):
+    """fp16 overflows above 65504 and flushes small gradients to zero, so on CUDA the loss is
+    scaled up before backward and steps whose gradients overflowed are skipped. Elsewhere (and
+    in bf16 and fp32) the scaler is off and passes everything straight through."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
+
+
+def rng_state(device):
+    """Every random stream a run draws from: the CPU's, and the GPU's own on CUDA or MPS."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
+
+
+def write_atomically(path, write):
+    """write(temporary path), then rename it over `path`: a crash or a full disk never leaves
+    half a file, and the previous file stays as it was."""
     tmp = f"{path}.tmp"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as error:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise UserError(f"cannot write {path}: {error}")
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomically(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def load_checkpoint(path):
@@ -292,49 +312,10 @@ def load_checkpoint(path):
     except Exception as error:  # truncated, not a torch file, or unsafe content
         raise UserError(f"cannot read checkpoint {path}: it is damaged or not a train_cifar.py "
                         f"checkpoint ({type(error).__name__})")
-    required = {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng", "history"}
+    required = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "settings", "rng", "history"}
     if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
-        raise UserError(f"{path} is not a train_cifar.py checkpoint (missing "
-                        f"{sorted(required - set(checkpoint)) if isinstance(checkpoint, dict) else 'everything'})")
-    if not {"torch", "python", "augment", "device"} <= checkpoint["rng"].keys():
-        raise UserError(f"{path} was written by an older train_cifar.py, which did not record the device "
-                        f"of its random states: start a new run")
+        raise UserError(f"{path} is not a checkpoint of this train_cifar.py: start a new run")
     return checkpoint
-
-
-def rng_state(generator):
-    """Every random stream the run draws from: torch's (dropout, drop path), Python's (cutmix),
-    the augmentation generator's, and on a GPU that device's own."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "augment": generator.get_state(),
-             "device": generator.device.type}
-    if generator.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(generator.device)
-    return state
-
-
-def set_rng_state(state, generator):
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_python_state(state["python"]))
-    generator.set_state(state["augment"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], generator.device)
-
-
-def _as_python_state(state):
-    version, internal, gauss = state  # weights_only loading turns the inner tuple into a list
-    return version, tuple(internal), gauss
-
-
-def find_resume_checkpoint(args):
-    """The checkpoint --resume names: a file, a run folder, or 'auto' (OUT/last.pt or the newest run)."""
-    if args.resume != "auto":
-        return os.path.join(args.resume, "last.pt") if os.path.isdir(args.resume) else args.resume
-    if args.out:
-        path = os.path.join(args.out, "last.pt")
-        return path if os.path.exists(path) else None
-    runs = sorted(d for d in (os.listdir("runs") if os.path.isdir("runs") else [])
-                  if os.path.exists(os.path.join("runs", d, "last.pt")))
-    return os.path.join("runs", runs[-1], "last.pt") if runs else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +335,8 @@ def loss_function(logits, targets, label_smoothing):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, batch_size, tta, autocast):
+def evaluate(model, images, labels, tta, autocast, batch_size=1000):
+    """(mean loss, accuracy in %) of the model in eval mode."""
     model.eval()
     loss_sum, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
     for i in range(0, len(images), batch_size):
@@ -369,278 +351,213 @@ def evaluate(model, images, labels, batch_size, tta, autocast):
 
 
 class EMA:
-    """Exponential moving average of the weights (and of the BatchNorm statistics):
-    after each step, ema <- decay * ema + (1 - decay) * current, for every tensor.
-
-    It keeps views of the model's tensors, so build it after the model has its device and dtype."""
+    """Exponential moving average of the weights and BatchNorm statistics: after each step,
+    ema <- decay * ema + (1 - decay) * current for every float tensor; counters are copied."""
 
     def __init__(self, model, decay):
         self.decay = decay
         self.model = copy.deepcopy(model).requires_grad_(False)
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # views, kept
-        self.averaged = [(ema, current) for ema, current in pairs if ema.is_floating_point()]
-        self.copied = [(ema, current) for ema, current in pairs if not ema.is_floating_point()]  # counters
+        self.pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # views
 
     @torch.no_grad()
     def update(self):
-        ema, current = zip(*self.averaged)
-        torch._foreach_lerp_(ema, current, 1 - self.decay)  # every tensor in a few kernel launches
-        for ema, current in self.copied:
-            ema.copy_(current)
+        floats = [(ema, now) for ema, now in self.pairs if ema.is_floating_point()]
+        torch._foreach_lerp_([ema for ema, _ in floats], [now for _, now in floats], 1 - self.decay)
+        for ema, now in self.pairs:
+            if not ema.is_floating_point():
+                ema.copy_(now)
 
 
-def build_model(config, device):
-    overrides = dict(num_classes=10, drop_path_rate=config["drop_path"], attention=config["attention"])
-    try:
-        model = gmf.create_model(config["model"], **overrides)
-    except ValueError as error:
-        raise UserError(str(error))
-    return model.to(device)
+class Trainer:
+    """One run, in the steps a reader can name: set up (or resume), train an epoch, end the
+    epoch (validate, print, checkpoint), and test once at the end."""
 
+    def __init__(self, args):
+        self.wall_started = time.perf_counter()
+        checkpoint = load_checkpoint(args.resume) if args.resume else None
+        if checkpoint:  # the run continues exactly as it was set up, wherever its data now is
+            saved = checkpoint["settings"]
+            args = argparse.Namespace(**{**saved, "data_dir": args.data_dir or saved["data_dir"],
+                                         "device": args.device or saved["device"], "resume": args.resume,
+                                         "out": os.path.dirname(os.path.abspath(args.resume))})
+            print(f"resuming {args.resume} after epoch {checkpoint['epoch']} (its saved settings are used)")
+        self.device = device = pick_device(args.device or "auto")
+        if checkpoint and device.type != saved["device"]:  # random streams differ between devices
+            raise UserError(f"{args.resume} was written on {saved['device']} and continues only there "
+                            f"(--device {saved['device']})")
+        args.device, args.data_dir = device.type, args.data_dir or "./data"
+        args.precision = pick_precision(args.precision, device)  # saved as chosen, resumed as saved
+        self.args = args
+        if device.type == "cpu":
+            print(f"warning: training on the CPU, which is slow (an estimate follows the first steps). "
+                  f"A first run that learns in minutes: {CPU_FIRST_RUN}", file=sys.stderr)
 
-def pick_device(choice):
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
+        torch.manual_seed(args.seed)  # the initialisation, drop path and the augmentation
+        try:
+            self.model = gmf.create_model(args.model, num_classes=10, drop_path_rate=args.drop_path,
+                                          attention=args.attention).to(device)
+        except ValueError as error:  # an unknown model, before any data is read
+            raise UserError(str(error))
+        self.net = torch.compile(self.model) if args.compile else self.model  # what the steps call
+        images, labels, test_images, test_labels = load_data(args)
+        train_images, train_labels, val_images, val_labels = split_train_val(images, labels, args)
+        self.train_images, self.train_labels, self.val_images, self.val_labels, self.test_images, \
+            self.test_labels = (t.to(device) for t in (train_images, train_labels, val_images, val_labels,
+                                                       test_images, test_labels))
 
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # time each convolution's algorithms once, keep the fastest
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.optimizer = torch.optim.AdamW(gmf.param_groups(self.model, args.weight_decay), lr=args.lr,
+                                           fused=device.type == "cuda")  # one kernel for all tensors
+        self.steps_per_epoch = max(1, len(self.train_images) // args.batch_size)  # drop the ragged batch
+        total_steps = args.epochs * self.steps_per_epoch
+        warmup_steps = max(1, int(args.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+        self.scaler = make_scaler(device, args.precision)
+        self.ema = EMA(self.model, args.ema) if args.ema else None
+        self.start_epoch, self.step, self.history = 1, 0, []
+        if checkpoint:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.scaler.load_state_dict(checkpoint["scaler"])
+            if self.ema:
+                self.ema.model.load_state_dict(checkpoint["ema"])
+            set_rng_state(checkpoint["rng"], device)
+            self.start_epoch, self.step = checkpoint["epoch"] + 1, checkpoint["step"]
+            self.history = checkpoint["history"]
 
-def pick_precision(choice, device):
-    """The autocast dtype: native bf16 where the GPU has it, else fp16 (with loss scaling) on a GPU.
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "config.json"), vars(args))
+        print(f"model {args.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters | train "
+              f"{len(self.train_images)}, val {len(self.val_images)}, test {len(self.test_images)} images | "
+              f"{args.epochs} epochs of {self.steps_per_epoch} steps | {device_name(device)}, {args.precision}")
+        print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} "
+              f"{'lr':>9} {'seconds':>8} {'img/s':>8}")
+        for row in self.history:
+            print_row(row)
+        if (args.compile or device.type != "cpu") and self.start_epoch <= args.epochs:
+            warm_up_untimed(self.net, self.model, self.train_images[:args.batch_size], self.autocast)
 
-    bf16 keeps float32's exponent range, so it trains without loss scaling; a GPU older than
-    Ampere (T4, V100, RTX 20xx) only emulates it, slowly, but has fast fp16 tensor cores.
-    Either can be asked for on the CPU too, where they run the GPU's arithmetic (slowly)."""
-    if choice != "auto":
-        return choice
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+    def autocast(self):  # matmuls and convs in bf16 or fp16 (on a GPU, norms and softmax stay in fp32)
+        dtype = AUTOCAST_DTYPES[self.args.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def train(args):
-    wall_started = time.perf_counter()
-    resume_path = find_resume_checkpoint(args) if args.resume else None
-    if args.resume and args.resume != "auto" and resume_path is None:
-        raise UserError(f"no checkpoint at {args.resume}")
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
-    if checkpoint:
-        config = checkpoint["config"]  # the run continues exactly as it was configured
-        config.update(data_dir=args.data_dir, device=args.device)
-        out = os.path.dirname(os.path.abspath(resume_path))
-        print(f"resuming {resume_path} after epoch {checkpoint['epoch']} (its saved config is used)")
-    else:
-        config = {k: v for k, v in vars(args).items() if k not in ("resume", "out")}
-        out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    run_args = argparse.Namespace(**config)
-    device = pick_device(run_args.device)
-    if checkpoint and checkpoint["rng"]["device"] != device.type:  # their random streams differ
-        written_on = {"cpu": "the CPU", "cuda": "a CUDA GPU"}[checkpoint["rng"]["device"]]
-        raise UserError(f"{resume_path} was written on {written_on} and can only be resumed on one "
-                        f"(--device {checkpoint['rng']['device']})")
-    if device.type == "cpu":
-        print("warning: no GPU in use, training on the CPU; this is slow (an estimate follows the "
-              "first steps). Use --subset and --epochs for a quick run.", file=sys.stderr)
-
-    torch.manual_seed(run_args.seed)
-    random.seed(run_args.seed)
-    generator = torch.Generator(device=device).manual_seed(run_args.seed)
-
-    images, labels, test_images, test_labels = load_data(run_args)
-    train_images, train_labels, val_images, val_labels = split_train_val(images, labels, run_args)
-    train_images, train_labels = train_images.to(device), train_labels.to(device)
-    val_images, val_labels = val_images.to(device), val_labels.to(device)
-    test_images, test_labels = test_images.to(device), test_labels.to(device)
-
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model = build_model(config, device)
-    params = sum(p.numel() for p in model.parameters())
-    forward = torch.compile(model) if run_args.compile else model
-    optimizer = torch.optim.AdamW(gmf.param_groups(model, run_args.weight_decay), lr=run_args.lr,
-                                  betas=(0.9, 0.999), fused=device.type == "cuda")
-    steps_per_epoch = max(1, len(train_images) // run_args.batch_size)  # drop the ragged last batch
-    total_steps = run_args.epochs * steps_per_epoch
-    warmup_steps = max(1, int(run_args.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
-    ema = EMA(model, run_args.ema) if run_args.ema else None
-    precision = config["precision"] = pick_precision(run_args.precision, device)  # resumed as chosen
-
-    def autocast():  # matmuls and convs in bf16 or fp16 (on a GPU, norms and softmax stay in fp32)
-        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32")
-
-    # fp16 overflows above 65504 and flushes small gradients to zero: the loss is multiplied by a
-    # large factor before backward, and steps whose gradients overflowed are skipped (the schedule
-    # moves on regardless; PyTorch warns once if the very first step is skipped).
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    start_epoch, step, history, best_val = 1, 0, [], -1.0
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler.is_enabled() and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        if ema:
-            ema.model.load_state_dict(checkpoint["ema"])
-        set_rng_state(checkpoint["rng"], generator)
-        start_epoch, step, history = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["history"]
-        best_val = max((row["val_acc"] for row in history), default=-1.0)
-
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "config.json"), {**config, "out": out})
-    print(f"model {run_args.model}: {params:,} parameters | train {len(train_images)}, val {len(val_images)}, "
-          f"test {len(test_images)} images | {run_args.epochs} epochs of {steps_per_epoch} steps | "
-          f"device {device_name(device)}, {precision} | out {out}")
-    print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} "
-          f"{'lr':>9} {'seconds':>8} {'img/s':>8}")
-    for row in history:
-        print_row(row)
-
-    if (run_args.compile or device.type == "cuda") and start_epoch <= run_args.epochs:
-        warm_up_untimed(forward, model, train_images[:run_args.batch_size], autocast)
-
-    show_progress = sys.stdout.isatty()  # an in-place step counter, for people watching a terminal
-    progress_every = max(1, steps_per_epoch // 20)
-    train_seconds = sum(row["epoch_seconds"] for row in history)
-    for epoch in range(start_epoch, run_args.epochs + 1):
-        model.train()
+    def train_one_epoch(self, epoch):
+        args = self.args
+        self.model.train()
         started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        order = torch.randperm(len(train_images), device=device, generator=generator)
-        for i in range(steps_per_epoch):
-            index = order[i * run_args.batch_size:(i + 1) * run_args.batch_size]
-            x = random_crop_flip(normalize(train_images[index]), generator)
-            y = train_labels[index]
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        order = torch.randperm(len(self.train_images), device=self.device)
+        for i in range(self.steps_per_epoch):
+            index = order[i * args.batch_size:(i + 1) * args.batch_size]
+            x = random_crop_flip(normalize(self.train_images[index]))
+            y = self.train_labels[index]
             targets = F.one_hot(y, 10).float()
-            if run_args.cutmix and random.random() < run_args.cutmix:
-                x, targets = cutmix(x, targets, generator)
-            with autocast():
-                logits = forward(x)
-            loss = loss_function(logits, targets, run_args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # without fp16, scale() and step() pass straight through
-            if run_args.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), run_args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            if ema:
-                ema.update()
-            loss_sum += loss.detach() * len(index)
+            if args.cutmix and torch.rand(()).item() < args.cutmix:  # a CPU draw: no waiting on the GPU
+                x, targets = cutmix(x, targets)
+            with self.autocast():
+                logits = self.net(x)
+            loss = loss_function(logits, targets, args.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if args.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            if self.ema:
+                self.ema.update()
+            loss_sum += loss.detach() * len(index)  # summed on the device: no wait per step
             correct += (logits.argmax(1) == y).sum()
-            if show_progress and (i + 1) % progress_every == 0:
-                print(f"\r  epoch {epoch}: step {i + 1}/{steps_per_epoch}", end="", flush=True)
-            if device.type == "cpu" and epoch == start_epoch and i == 2:
+            if self.device.type == "cpu" and epoch == self.start_epoch and i == 2:
                 per_step = (time.perf_counter() - started) / 3
-                remaining = per_step * ((run_args.epochs - epoch + 1) * steps_per_epoch - 3)
-                print(f"\restimated training time on this CPU: {remaining / 60:.1f} min "
-                      f"({per_step:.2f} s per step, {total_steps} steps in all)", flush=True)
-        seen = min(steps_per_epoch * run_args.batch_size, len(train_images))
+                left = (args.epochs - epoch + 1) * self.steps_per_epoch - 3
+                print(f"estimated training time on this CPU: {per_step * left / 60:.1f} min "
+                      f"({per_step:.2f} s per step)", flush=True)
+        seen = self.steps_per_epoch * args.batch_size
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
-            last = os.path.join(out, "last.pt")
-            kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
+            last = os.path.join(args.out, "last.pt")
+            kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint written"
             raise Diverged(f"the training loss became {train_loss} in epoch {epoch}; stopped, {kept}")
-        epoch_seconds = time.perf_counter() - started
-        train_seconds += epoch_seconds
-        eval_model = ema.model if ema else model
-        val_loss, val_acc = evaluate(eval_model, val_images, val_labels, 1000, run_args.tta, autocast)
-        row = dict(epoch=epoch, step=step, train_loss=train_loss, train_acc=100.0 * correct.item() / seen,
-                   val_loss=val_loss, val_acc=val_acc, lr=scheduler.get_last_lr()[0],
-                   epoch_seconds=epoch_seconds, images_per_second=seen / epoch_seconds)
-        history.append(row)
-        if show_progress:
-            print("\r" + " " * 40 + "\r", end="")
+        seconds = time.perf_counter() - started
+        return dict(epoch=epoch, step=self.step, train_loss=train_loss, train_acc=100.0 * correct.item() / seen,
+                    lr=self.scheduler.get_last_lr()[0], epoch_seconds=seconds, images_per_second=seen / seconds)
+
+    def end_of_epoch(self, row):
+        """Validate, print, write metrics, best.pt and last.pt. last.pt goes last: whatever an
+        interruption leaves behind, resuming from last.pt redoes the epochs after it exactly."""
+        args, out = self.args, self.args.out
+        eval_model = self.ema.model if self.ema else self.model
+        row["val_loss"], row["val_acc"] = evaluate(eval_model, self.val_images, self.val_labels, args.tta,
+                                                   self.autocast)
+        best_before = max((r["val_acc"] for r in self.history), default=-1.0)
+        self.history.append(row)
         print_row(row)
-        # last.pt goes last: whatever an interruption leaves behind, resuming from last.pt redoes
-        # the epochs after it and rewrites the metrics and best.pt exactly as they were.
-        write_metrics(out, history)
-        if val_acc > best_val:
-            best_val = val_acc
-            save_atomically({"model": eval_model.state_dict(), "epoch": epoch, "val_acc": val_acc,
-                             "config": config}, os.path.join(out, "best.pt"))
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "config": config,
-                 "scaler": scaler.state_dict(), "rng": rng_state(generator), "history": history}
-        if ema:
-            state["ema"] = ema.model.state_dict()
-        save_atomically(state, os.path.join(out, "last.pt"))
+        write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in self.history))
+        if row["val_acc"] > best_before:
+            best = {"model": eval_model.state_dict(), "epoch": row["epoch"], "val_acc": row["val_acc"],
+                    "settings": vars(args)}
+            write_atomically(os.path.join(out, "best.pt"), lambda tmp: torch.save(best, tmp))
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "epoch": row["epoch"], "step": self.step, "settings": vars(args),
+                 "rng": rng_state(self.device), "history": self.history}
+        if self.ema:
+            state["ema"] = self.ema.model.state_dict()
+        write_atomically(os.path.join(out, "last.pt"), lambda tmp: torch.save(state, tmp))
 
-    # The test set, once, with the final weights: no choice was ever made by looking at it.
-    eval_model = ema.model if ema else model
-    test_loss, test_acc = evaluate(eval_model, test_images, test_labels, 1000, run_args.tta, autocast)
-    final = dict(test_acc=test_acc, test_loss=test_loss,
-                 val_acc=history[-1]["val_acc"] if history else None,
-                 best_val_acc=best_val if history else None, epochs=run_args.epochs,
-                 train_seconds=train_seconds, wall_seconds=time.perf_counter() - wall_started,
-                 device=device_name(device), precision=precision, torch=torch.__version__,
-                 parameters=params, model=run_args.model, command=" ".join(sys.argv))
-    write_json(os.path.join(out, "final.json"), final)
-    plot_curves(out, history)
-    print(f"test accuracy {test_acc:.2f}% (final weights, evaluated once) | training "
-          f"{train_seconds:.1f} s, whole run {final['wall_seconds']:.1f} s | results in {out}")
-    return final
+    def test_once(self):
+        """The test set, once, with the final weights: no choice was ever made by looking at it."""
+        args, history = self.args, self.history
+        model = self.ema.model if self.ema else self.model
+        test_loss, test_acc = evaluate(model, self.test_images, self.test_labels, args.tta, self.autocast)
+        final = dict(test_acc=test_acc, test_loss=test_loss, val_acc=history[-1]["val_acc"],
+                     epochs=args.epochs, seed=args.seed, train_seconds=sum(r["epoch_seconds"] for r in history),
+                     wall_seconds=time.perf_counter() - self.wall_started,
+                     device=device_name(self.device),
+                     precision=args.precision, torch=torch.__version__, model=args.model,
+                     parameters=sum(p.numel() for p in self.model.parameters()), command=" ".join(sys.argv))
+        write_json(os.path.join(args.out, "final.json"), final)
+        plot_curves(args.out, history)
+        print(f"test accuracy {test_acc:.2f}% (final weights, evaluated once) | training "
+              f"{final['train_seconds']:.1f} s, this process {final['wall_seconds']:.1f} s | in {args.out}")
+        return final
 
 
-def warm_up_untimed(forward, model, images, autocast):
-    """One training pass (forward and backward) outside the timed epochs, then the state
-    (weights, BatchNorm statistics, RNG) restored, so that the run is the same as without it.
+def warm_up_untimed(net, model, images, autocast):
+    """One training pass (forward and backward) outside the timed epochs, then the weights,
+    BatchNorm statistics and random state restored, so that the run is the same as without it.
 
     It takes the one-time costs out of epoch 1's time: torch.compile's compilation, and on a GPU
     the choice of convolution algorithms (cudnn.benchmark) and the loading of kernels. The whole
-    run's wall time still counts them. Evaluation runs the plain model: at batch 1,000 it is not
-    held back by Python's overhead."""
+    run's wall time still counts them."""
     print("warming up (one untimed training pass) ...", flush=True)
-    state = copy.deepcopy(model.state_dict())
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state(images.device) if images.is_cuda else None
+    state, rng = copy.deepcopy(model.state_dict()), rng_state(images.device)
     model.train()
     with autocast():
-        forward(normalize(images)).float().sum().backward()
+        net(normalize(images)).float().sum().backward()
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
-    torch.set_rng_state(rng[0])
-    if rng[1] is not None:
-        torch.cuda.set_rng_state(rng[1], images.device)
-        torch.cuda.synchronize(images.device)  # the timer of epoch 1 starts on an idle GPU
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    set_rng_state(rng, images.device)
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)  # epoch 1's timer starts on an idle GPU
 
 
 def print_row(row):
     print(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_acc']:>9.2f} {row['val_loss']:>8.4f} "
           f"{row['val_acc']:>7.2f} {row['lr']:>9.2e} {row['epoch_seconds']:>8.1f} "
-          f"{row['images_per_second']:>8.0f}", flush=True)
+          f"{row['images_per_second']:>8.0f}", flush=True)  # at once, in a log file too
 
 
-def write_json(path, obj):
-    try:
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=2)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error}")
-
-
-def write_metrics(out, history):
-    path = os.path.join(out, "metrics.jsonl")
-    try:
-        with open(f"{path}.tmp", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in history)
-        os.replace(f"{path}.tmp", path)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error}")
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def plot_curves(out, history):
@@ -653,14 +570,11 @@ def plot_curves(out, history):
     except ImportError:
         return
     epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(epochs, [r["train_loss"] for r in history], label="train")
-    left.plot(epochs, [r["val_loss"] for r in history], label="validation")
-    left.set(xlabel="epoch", ylabel="loss")
-    right.plot(epochs, [r["train_acc"] for r in history], label="train")
-    right.plot(epochs, [r["val_acc"] for r in history], label="validation")
-    right.set(xlabel="epoch", ylabel="accuracy (%)")
-    for ax in (left, right):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric, label in zip(axes, ("loss", "acc"), ("loss", "accuracy (%)")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in history], label="train")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in history], label="validation")
+        ax.set(xlabel="epoch", ylabel=label)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -668,10 +582,73 @@ def plot_curves(out, history):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------
+# Runs and series
+# ----------------------------------------------------------------------------------------------
+
+def train(args):
+    """One run, fresh or resumed; returns what it writes to final.json."""
+    final_path = os.path.join(args.out, "final.json")
+    if args.resume and os.path.exists(final_path):
+        print(f"{args.out} is a finished run: its results are in {final_path}")
+        with open(final_path) as f:
+            return json.load(f)
+    trainer = Trainer(args)
+    for epoch in range(trainer.start_epoch, trainer.args.epochs + 1):
+        trainer.end_of_epoch(trainer.train_one_epoch(epoch))
+    return trainer.test_once()
+
+
+def train_series(args):
+    """Seeds SEED .. SEED+N-1, each a whole run in OUT/seed<k>; the mean and sample standard
+    deviation of the final test accuracy and of the times go to OUT/summary.json. Nothing is
+    selected: every seed's final result counts."""
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "series.json"), vars(args))
+    finals = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        out = os.path.join(args.out, f"seed{seed}")
+        resume = os.path.join(out, "last.pt") if os.path.exists(os.path.join(out, "last.pt")) else None
+        print(f"--- seed {seed} ({'continued' if resume else 'new'}): {out}")
+        finals.append(train(argparse.Namespace(**{**vars(args), "seed": seed, "seeds": 1, "out": out,
+                                                  "resume": resume})))
+    summary = {"seeds": [f["seed"] for f in finals]}
+    for key in ("test_acc", "train_seconds", "wall_seconds"):
+        values = [f[key] for f in finals]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary[key] = dict(mean=statistics.mean(values), std=std, values=values)
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    acc, seconds = summary["test_acc"], summary["train_seconds"]
+    print(f"{len(finals)} seeds: test accuracy {acc['mean']:.2f} ± {acc['std']:.2f}% | training "
+          f"{seconds['mean']:.1f} ± {seconds['std']:.1f} s (mean ± sample std) | {args.out}/summary.json")
+    return summary
+
+
+def resolve_run(args):
+    """Fill in --out, and for --resume find the checkpoint (a last.pt, or a run or series folder)."""
+    if not args.resume:
+        args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        if any(os.path.exists(os.path.join(args.out, name)) for name in ("last.pt", "series.json")):
+            raise UserError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
+                            "or choose another --out")
+        return args
+    if os.path.isfile(os.path.join(args.resume, "series.json")):
+        with open(os.path.join(args.resume, "series.json")) as f:
+            saved = json.load(f)
+        return argparse.Namespace(**{**saved, "data_dir": args.data_dir or saved["data_dir"],
+                                     "device": args.device or saved["device"], "out": args.resume, "resume": None})
+    path = os.path.join(args.resume, "last.pt") if os.path.isdir(args.resume) else args.resume
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: --resume takes a run folder, a series folder or a last.pt")
+    args.resume, args.out = path, os.path.dirname(os.path.abspath(path))
+    return args
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        args = resolve_run(args)
+        train_series(args) if args.seeds > 1 else train(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -679,7 +656,7 @@ def main(argv=None):
         print(f"error: {error} (try a lower --lr)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("\ninterrupted: continue with --resume auto --out <the run's folder>", file=sys.stderr)
+        print(f"\ninterrupted: continue with --resume {args.out}", file=sys.stderr)
         return 130
     return 0
 

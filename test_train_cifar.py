@@ -1,0 +1,439 @@
+"""train_cifar.py's promises, each one a test, on a tiny network and tiny synthetic data.
+
+1. A run writes its settings, metrics, checkpoints and final results; the optional recipe parts
+   (cutmix, an EMA of the weights, flip averaging) train and are checkpointed; a series of seeds
+   reports the mean and standard deviation of every seed's final result.
+2. Exact resume: an interrupted run continues to exactly the metrics of an uninterrupted one, in
+   fp32, bf16 and fp16 (loss scale included), and with its data where it was saved.
+3. Errors a user can fix are one line with exit status 2: no data, a damaged checkpoint, a
+   checkpoint from another device, a device that is not there, a folder that holds a run, a full
+   disk (the old file is kept); a NaN loss stops with status 3 and keeps the last good checkpoint.
+4. The parts: device and precision choice, the learning-rate schedule, augmentation, cutmix, the
+   EMA, the untimed warm-up, the data layouts, and (slow) a compiled run that matches the plain one.
+"""
+import errno
+import json
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gmf
+import train_cifar
+
+# One stage of width 40 on a 4 x 4 grid: a GroupMixFormer with every part, small enough that a
+# run of 3 steps takes a fraction of a second.
+TINY = dict(dims=(40,), depths=(1,), mlp_ratios=(2,), stem_strides=(2, 2), stage_strides=(2,),
+            num_classes=10, img_size=32)
+TINY_RUN = ["--model", "groupmixformer_tiny", "--synthetic", "--subset", "96", "--val-size", "48",
+            "--batch-size", "32", "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu"]
+seeds = st.integers(0, 2**32 - 1)
+
+
+@pytest.fixture(autouse=True)
+def tiny_variant(monkeypatch):
+    monkeypatch.setitem(gmf.VARIANTS, "groupmixformer_tiny", TINY)
+    # 200 test images instead of 500: the test set is evaluated once per run
+    synthetic = train_cifar.synthetic_cifar
+    monkeypatch.setattr(train_cifar, "synthetic_cifar", lambda seed: synthetic(seed, train=1000, test=200))
+
+
+def train(argv, capsys=None):
+    """Exit status and, with capsys, what the run printed."""
+    status = train_cifar.main(argv)
+    return status, (capsys.readouterr() if capsys else None)
+
+
+def read_json(*path):
+    with open(os.path.join(*path)) as f:
+        return json.load(f)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")} for row in rows]
+
+
+def interrupt_after_first_checkpoint(monkeypatch):
+    """Make the next run stop as if Ctrl-C came right after epoch 1's last.pt was written."""
+    write = train_cifar.write_atomically
+
+    def write_then_interrupt(path, content):
+        write(path, content)
+        if path.endswith("last.pt"):
+            monkeypatch.setattr(train_cifar, "write_atomically", write)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cifar, "write_atomically", write_then_interrupt)
+
+
+# ==============================================================================================
+# 1. A run and its outputs
+# ==============================================================================================
+
+def test_a_run_writes_settings_metrics_checkpoints_and_final_results(tmp_path, capsys):
+    """config.json, one metrics line per epoch, loadable last.pt and best.pt, and final.json."""
+    out = str(tmp_path / "run")
+    status, printed = train(TINY_RUN + ["--out", out], capsys)
+    assert status == 0, printed.err
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                            "epoch_seconds", "images_per_second"}
+    final = read_json(out, "final.json")
+    assert 0 <= final["test_acc"] <= 100 and final["epochs"] == 2 and final["parameters"] > 0
+    assert {"val_acc", "train_seconds", "wall_seconds", "device", "torch", "command", "seed"} <= set(final)
+    settings = read_json(out, "config.json")
+    assert settings["subset"] == 96 and settings["device"] == "cpu" and settings["precision"] == "fp32"
+    for name in ("last.pt", "best.pt"):
+        gmf.create_model("groupmixformer_tiny").load_state_dict(
+            torch.load(os.path.join(out, name), weights_only=True)["model"])
+    assert "test accuracy" in printed.out and train_cifar.CPU_FIRST_RUN in printed.err
+
+
+def test_cutmix_ema_and_flip_averaging_train_and_are_checkpointed(tmp_path, capsys):
+    """The optional recipe parts run together; the EMA's weights are saved beside the model's."""
+    out = str(tmp_path / "run")
+    status, printed = train(TINY_RUN + ["--out", out, "--epochs", "1", "--cutmix", "1.0", "--ema", "0.9",
+                                        "--tta"], capsys)
+    assert status == 0, printed.err
+    checkpoint = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert checkpoint["ema"].keys() == checkpoint["model"].keys()
+    assert not torch.equal(checkpoint["ema"]["head.weight"], checkpoint["model"]["head.weight"])
+    try:
+        import matplotlib  # noqa: F401 (only: is it installed?)
+    except ImportError:
+        assert not os.path.exists(os.path.join(out, "curves.png"))  # optional: skipped quietly
+    else:
+        assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+
+
+def test_a_series_reports_mean_and_std_of_every_seeds_final_result(tmp_path, capsys):
+    """--seeds 2 runs seeds 0 and 1 into their own folders; the summary is their mean and sample
+    std, with nothing selected; an interrupted series continues where it stopped."""
+    out = str(tmp_path / "series")
+    one_epoch = TINY_RUN + ["--epochs", "1", "--out", out, "--seeds", "2"]
+    assert train(one_epoch) == (0, None)
+    summary = read_json(out, "summary.json")
+    finals = [read_json(out, f"seed{seed}", "final.json") for seed in (0, 1)]
+    assert summary["seeds"] == [0, 1] and [f["seed"] for f in finals] == [0, 1]
+    accuracies = [f["test_acc"] for f in finals]
+    assert summary["test_acc"]["values"] == accuracies
+    assert summary["test_acc"]["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert summary["test_acc"]["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / math.sqrt(2))
+
+    os.remove(os.path.join(out, "seed1", "final.json"))  # as if stopped while testing seed 1
+    status, printed = train(["--resume", out], capsys)
+    assert status == 0 and "finished run" in printed.out
+    assert read_json(out, "summary.json")["test_acc"] == summary["test_acc"]
+
+
+# ==============================================================================================
+# 2. Exact resume
+# ==============================================================================================
+
+def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path, monkeypatch, capsys):
+    """Resuming restores weights, optimizer, schedule, step and every random stream."""
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    assert train(TINY_RUN + ["--out", straight]) == (0, None)
+    interrupt_after_first_checkpoint(monkeypatch)
+    status, printed = train(TINY_RUN + ["--out", interrupted], capsys)
+    assert status == 130 and f"--resume {interrupted}" in printed.err
+    assert [r["epoch"] for r in metrics(interrupted)] == [1]
+    assert train(["--resume", interrupted]) == (0, None)
+    assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
+    finals = [read_json(d, "final.json") for d in (straight, interrupted)]
+    assert (finals[0]["test_acc"], finals[0]["test_loss"]) == (finals[1]["test_acc"], finals[1]["test_loss"])
+
+    status, printed = train(["--resume", interrupted], capsys)  # once more: nothing is redone
+    assert status == 0 and "finished run" in printed.out
+    assert read_json(interrupted, "final.json") == finals[1]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_runs_and_resumes_exactly_loss_scale_included(precision, tmp_path, monkeypatch):
+    """The logits come out in bf16 or fp16 under autocast, and the run resumes exactly. The loss
+    scaler (on for fp16 on CUDA) is made here on the CPU too, with a scale that doubles after
+    every step, so that only a restored scale gives the same run."""
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run = TINY_RUN + ["--precision", precision]
+    dtypes, loss_function = set(), train_cifar.loss_function
+
+    def recording_dtype(logits, targets, smoothing):
+        dtypes.add(logits.dtype)
+        return loss_function(logits, targets, smoothing)
+
+    monkeypatch.setattr(train_cifar, "loss_function", recording_dtype)
+    if precision == "fp16":
+        monkeypatch.setattr(train_cifar, "make_scaler", lambda device, precision: torch.amp.GradScaler(
+            "cpu", init_scale=2.0 ** 10, growth_interval=1))
+    assert train(run + ["--out", straight]) == (0, None)
+    assert dtypes == {train_cifar.AUTOCAST_DTYPES[precision]}
+    assert read_json(straight, "final.json")["precision"] == precision
+    interrupt_after_first_checkpoint(monkeypatch)
+    assert train(run + ["--out", interrupted])[0] == 130
+    assert train(["--resume", os.path.join(interrupted, "last.pt")]) == (0, None)
+    assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
+    scalers = [torch.load(os.path.join(d, "last.pt"), weights_only=True)["scaler"] for d in (straight, interrupted)]
+    assert scalers[0] == scalers[1] and (scalers[0]["scale"] == 2.0 ** 16 if precision == "fp16" else True)
+
+
+def test_a_resumed_run_reads_its_data_where_it_was_saved(tmp_path, monkeypatch, capsys):
+    """--resume without --data-dir uses the run's own data folder (offline: no download tried)."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in range(10):
+            os.makedirs(tmp_path / "data" / split / f"class{label}")
+            for i in range(4):
+                pixels = torch.full((32, 32, 3), 20 * label + i, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / f"class{label}" / f"{i}.png")
+    run = [a for a in TINY_RUN if a != "--synthetic"] + ["--data-dir", str(tmp_path / "data"), "--val-size", "8",
+                                                          "--batch-size", "8", "--subset", "32"]
+    out = str(tmp_path / "run")
+    interrupt_after_first_checkpoint(monkeypatch)
+    assert train(run + ["--out", out])[0] == 130
+    import torchvision
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a resumed run looked for CIFAR-10 in ./data")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_download)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no ./data here
+    status, printed = train(["--resume", out], capsys)
+    assert status == 0, printed.err
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
+
+
+# ==============================================================================================
+# 3. Errors a user can fix
+# ==============================================================================================
+
+def one_error_line(printed):
+    errors = [line for line in printed.err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in printed.err
+    return errors[0]
+
+
+@pytest.mark.parametrize("download", ["off", "fails"])
+def test_without_data_the_script_says_what_to_do_in_one_line(download, tmp_path, monkeypatch, capsys):
+    """No data and no download (or a download that fails): status 2 and one line naming
+    --data-dir, --synthetic and the cause."""
+    import torchvision
+
+    def offline(root, train, download):
+        raise RuntimeError("network is unreachable" if download else "Dataset not found")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    argv = ["--data-dir", str(tmp_path), "--device", "cpu", "--model", "groupmixformer_tiny",
+            "--out", str(tmp_path / "o")] + (["--no-download"] if download == "off" else [])
+    status, printed = train(argv, capsys)
+    line = one_error_line(printed)
+    assert status == 2 and "--data-dir" in line and "--synthetic" in line
+    assert ("network is unreachable" if download == "fails" else "not found") in line
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A NaN loss in epoch 2 stops the run with status 3; last.pt still holds epoch 1."""
+    out, losses, loss_function = str(tmp_path / "run"), [], train_cifar.loss_function
+
+    def nan_in_epoch_2(logits, targets, smoothing):
+        losses.append(loss_function(logits, targets, smoothing))
+        return losses[-1] * float("nan") if len(losses) > 3 else losses[-1]  # 3 steps per epoch
+
+    monkeypatch.setattr(train_cifar, "loss_function", nan_in_epoch_2)
+    status, printed = train(TINY_RUN + ["--out", out], capsys)
+    assert status == 3 and "nan" in one_error_line(printed) and "last.pt" in printed.err
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1
+
+
+def test_bad_checkpoints_and_folders_are_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """A damaged checkpoint, a missing one, one written on another device, and a new run asked
+    to write over an existing one: status 2, one line naming the path and what to do."""
+    damaged = tmp_path / "damaged" / "last.pt"
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"not a checkpoint")
+    status, printed = train(["--resume", str(damaged)], capsys)
+    assert status == 2 and str(damaged) in one_error_line(printed) and "damaged" in printed.err
+    status, printed = train(["--resume", str(tmp_path / "nowhere")], capsys)
+    assert status == 2 and "nowhere" in one_error_line(printed)
+
+    out = str(tmp_path / "run")
+    interrupt_after_first_checkpoint(monkeypatch)
+    assert train(TINY_RUN + ["--out", out])[0] == 130
+    status, printed = train(TINY_RUN + ["--out", out], capsys)  # would overwrite the run
+    assert status == 2 and f"--resume {out}" in one_error_line(printed)
+    checkpoint = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    checkpoint["settings"]["device"] = "cuda"  # its random streams are a GPU's
+    torch.save(checkpoint, os.path.join(out, "last.pt"))
+    status, printed = train(["--resume", out, "--device", "cpu"], capsys)
+    assert status == 2 and "--device cuda" in one_error_line(printed)
+
+
+def test_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    """If a write fails, the error is one line and the old file is left intact, with no debris."""
+    path = str(tmp_path / "last.pt")
+    train_cifar.write_atomically(path, lambda tmp: torch.save({"epoch": 1}, tmp))
+
+    def disk_full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(train_cifar.UserError, match="No space left"):
+        train_cifar.write_atomically(path, lambda tmp: torch.save({"epoch": 2}, tmp))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["last.pt"]
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),
+                                         ("--val-size", "-5"), ("--cutmix", "2"), ("--seeds", "0")])
+def test_impossible_options_are_refused_before_anything_runs(flag, value, capsys):
+    """Options that cannot describe a run stop the script with status 2, naming the option."""
+    with pytest.raises(SystemExit) as stop:
+        train_cifar.parse_args([flag, value])
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+# ==============================================================================================
+# 4. The parts
+# ==============================================================================================
+
+@pytest.mark.parametrize("cuda, mps, choice, expected", [
+    (True, True, "auto", "cuda"), (False, True, "auto", "mps"), (False, False, "auto", "cpu"),
+    (True, True, "cpu", "cpu"), (False, True, "mps", "mps"), (False, False, "cuda", None), (True, False, "mps", None)])
+def test_auto_device_is_cuda_then_mps_then_cpu_and_a_missing_one_is_refused(cuda, mps, choice, expected,
+                                                                            monkeypatch):
+    """--device auto takes CUDA, else Apple's MPS, else the CPU; a device named but absent is an error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    if expected is None:
+        with pytest.raises(train_cifar.UserError, match=f"--device {choice}"):
+            train_cifar.pick_device(choice)
+    else:
+        assert train_cifar.pick_device(choice).type == expected
+
+
+@pytest.mark.parametrize("device, capability, expected", [
+    ("cuda", (9, 0), "bf16"), ("cuda", (8, 0), "bf16"), ("cuda", (7, 5), "fp16"), ("mps", None, "fp32"),
+    ("cpu", None, "fp32")])
+def test_auto_precision_is_bf16_from_ampere_fp16_before_and_fp32_off_cuda(device, capability, expected,
+                                                                         monkeypatch):
+    """Native bf16 arrived with Ampere (compute capability 8.0); older GPUs get fp16 with loss
+    scaling, and the scaler is on only there; MPS and the CPU train in fp32 unless asked."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")  # for GradScaler("cuda")
+    precision = train_cifar.pick_precision("auto", torch.device(device))
+    assert precision == expected and train_cifar.pick_precision("bf16", torch.device(device)) == "bf16"
+    assert train_cifar.make_scaler(torch.device(device), precision).is_enabled() == (precision == "fp16")
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    """The schedule rises linearly over the warm-up and follows a cosine down to zero."""
+    factors = [train_cifar.lr_factor(step, 10, 110) for step in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.5) and factors[-1] < 1e-3
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+
+
+@given(seed=seeds)
+def test_augmentation_crops_are_shifted_windows_of_the_padded_image(seed):
+    """Each augmented image is a 32 x 32 window of its reflect-padded original, maybe mirrored."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    crops = train_cifar.random_crop_flip(images, generator)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
+    for image, crop in zip(padded, crops):
+        windows = [image[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+        assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(2)) for w in windows)
+
+
+@given(seed=seeds)
+def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_targets_by_its_area(seed):
+    """Each image gets a box (the same for all) from an image of the batch, maybe itself, and the
+    donor's class gets the box's share of the target."""
+    torch.manual_seed(seed)  # the box is drawn on the CPU, from its global stream
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(5, 3, 8, 8, generator=generator)
+    mixed, targets = train_cifar.cutmix(images, torch.eye(5), generator)  # sample i is class i
+    torch.testing.assert_close(targets.sum(1), torch.ones(5))
+    pasted = (mixed != images).any(1)  # (5, 8, 8): pixels that now come from another image
+    boxes = set()
+    for i in range(5):
+        donors = [j for j in range(5) if j != i and targets[i, j] > 0]
+        if not donors:  # its own image drawn, or an empty box
+            assert torch.equal(mixed[i], images[i])
+            continue
+        (j,) = donors
+        rows, cols = pasted[i].nonzero().unbind(1)
+        box = (slice(rows.min().item(), rows.max().item() + 1), slice(cols.min().item(), cols.max().item() + 1))
+        assert pasted[i].sum() == pasted[i][box].numel()  # one filled rectangle
+        assert torch.equal(mixed[i][:, box[0], box[1]], images[j][:, box[0], box[1]])
+        assert targets[i, j].item() == pytest.approx(pasted[i].sum().item() / 64)
+        boxes.add((box[0].start, box[0].stop, box[1].start, box[1].stop))
+    assert len(boxes) <= 1
+
+
+def test_the_ema_is_an_exponential_moving_average_of_weights_and_statistics():
+    """After an update, ema = decay * ema + (1 - decay) * current; integer counters are copied."""
+    model, generator = gmf.create_model("groupmixformer_tiny"), torch.Generator().manual_seed(0)
+    ema = train_cifar.EMA(model, decay=0.75)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for tensor in model.state_dict().values():  # every weight, statistic and counter moves
+            tensor.add_((torch.rand(tensor.shape, generator=generator) + 1).to(tensor.dtype))
+    ema.update()
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ema.model.state_dict()[name], 0.75 * before[name] + 0.25 * value)
+        else:
+            assert torch.equal(ema.model.state_dict()[name], value)
+
+
+def test_the_untimed_warm_up_leaves_weights_statistics_and_rng_as_they_were():
+    """The warm-up pass (on a GPU, or for --compile) must not change the run."""
+    model = gmf.create_model("groupmixformer_tiny", drop_path_rate=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    rng = torch.get_rng_state()
+    train_cifar.warm_up_untimed(model, model, images, lambda: torch.autocast("cpu", enabled=False))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
+
+
+def test_an_image_folder_tree_loads_with_sorted_class_names_as_labels(tmp_path):
+    """--data-dir reads train/<class>/ and test/<class>/ images; labels follow sorted class names."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label, name in enumerate(["cat", "airplane"]):  # sorted: airplane = 0, cat = 1
+            os.makedirs(tmp_path / split / name)
+            pixels = torch.full((32, 32, 3), 100 * label, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / split / name / "0.png")
+    images, labels, test_images, test_labels = train_cifar.load_data(
+        train_cifar.parse_args(["--data-dir", str(tmp_path)]))
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 1] and images[0].max() == 100 and images[1].max() == 0
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_the_same_network_and_compiles_only_before_the_timed_epochs(
+        tmp_path, monkeypatch):
+    """--compile trains what the plain model trains (to rounding: the compiler may reorder sums;
+    no drop path, whose random masks the compiler may draw differently), and a recompilation in
+    the timed epochs would raise."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    plain, compiled = str(tmp_path / "plain"), str(tmp_path / "compiled")
+    run = TINY_RUN + ["--drop-path", "0"]
+    assert train(run + ["--out", plain]) == (0, None)
+    assert train(run + ["--out", compiled, "--compile"]) == (0, None)
+    for expected, got in zip(metrics(plain), metrics(compiled), strict=True):
+        for name in ("train_loss", "val_loss"):
+            assert got[name] == pytest.approx(expected[name], rel=1e-3), name
