@@ -498,6 +498,9 @@ class GroupMixFormer(nn.Module):
                              f"(shape {tuple(x.shape)}); set in_chans to change this")
         if B < 1 or H < 1 or W < 1:
             raise ValueError(f"input of shape {tuple(x.shape)} is empty")
+        if not x.is_floating_point():
+            raise ValueError(f"expected floating-point images (e.g. float32, normalised), got {x.dtype}; "
+                             "convert uint8 images with x.float() / 255 and normalise them first")
         if self.cfg.padding_mode == "circular":
             # Circular padding wraps around the map, which only works when the map is at least
             # as large as the padding: the 7x7 windows (padding 3) need grids of 3 x 3 or more.

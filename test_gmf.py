@@ -1150,10 +1150,12 @@ def test_unknown_model_or_override_is_named():
        empty=st.sampled_from([(0, 3, 8, 8), (1, 3, 0, 8), (1, 3, 8, 0)]))
 @example(rank=3, channels=1, empty=(2, 3, 0, 32))
 @example(rank=5, channels=1, empty=(2, 3, 0, 32))
-def test_inputs_of_the_wrong_rank_channels_or_size_raise_value_error(rank, channels, empty):
-    """Any rank but 4, a channel count other than in_chans, or an empty batch or image raises
-    ValueError saying what is wrong."""
+def test_inputs_of_the_wrong_rank_channels_size_or_dtype_raise_value_error(rank, channels, empty):
+    """Any rank but 4, a channel count other than in_chans, an empty batch or image, or integer
+    pixels (uint8, as image files hold them) raise ValueError saying what is wrong."""
     model = tiny_model().eval()
+    with pytest.raises(ValueError, match="torch.uint8"):
+        model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match=f"rank {rank}"):
         model(torch.zeros((2,) * rank))
     with pytest.raises(ValueError, match=f"3 input channels, got {channels}"):
