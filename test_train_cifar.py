@@ -11,6 +11,7 @@
 4. The parts: device and precision choice, the learning-rate schedule, augmentation, cutmix, the
    EMA, the untimed warm-up, the data layouts, and (slow) a compiled run that matches the plain one.
 """
+import copy
 import errno
 import json
 import math
@@ -78,9 +79,13 @@ def interrupt_after_first_checkpoint(monkeypatch):
 # 1. A run and its outputs
 # ==============================================================================================
 
-def test_a_run_writes_settings_metrics_checkpoints_and_final_results(tmp_path, capsys):
-    """config.json, one metrics line per epoch, loadable last.pt and best.pt, and final.json."""
-    out = str(tmp_path / "run")
+def test_a_run_writes_settings_metrics_checkpoints_and_final_results(tmp_path, monkeypatch, capsys):
+    """config.json, one metrics line per epoch, loadable last.pt and best.pt, and final.json;
+    BatchNorm's statistics are recomputed on training images before each evaluation."""
+    out, recalibrated, recalibrate = str(tmp_path / "run"), [], train_cifar.recalibrate_batchnorm
+    monkeypatch.setattr(train_cifar, "recalibrate_batchnorm",
+                        lambda model, images, autocast: recalibrated.append(len(images)) or recalibrate(
+                            model, images, autocast))
     status, printed = train(TINY_RUN + ["--out", out], capsys)
     assert status == 0, printed.err
     rows = metrics(out)
@@ -96,6 +101,8 @@ def test_a_run_writes_settings_metrics_checkpoints_and_final_results(tmp_path, c
         gmf.create_model("groupmixformer_tiny").load_state_dict(
             torch.load(os.path.join(out, name), weights_only=True)["model"])
     assert "test accuracy" in printed.out and train_cifar.CPU_FIRST_RUN in printed.err
+    assert "note: 6 steps in all" in printed.out  # a run this short says it is one
+    assert recalibrated == [96, 96]  # all 96 training images (at most BATCHNORM_IMAGES), each epoch
 
 
 def test_cutmix_ema_and_flip_averaging_train_and_are_checkpointed(tmp_path, capsys):
@@ -151,6 +158,8 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_pat
     assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
     finals = [read_json(d, "final.json") for d in (straight, interrupted)]
     assert (finals[0]["test_acc"], finals[0]["test_loss"]) == (finals[1]["test_acc"], finals[1]["test_loss"])
+    # The whole run's time counts both processes, so it is never less than its training time.
+    assert finals[1]["wall_seconds"] >= finals[1]["train_seconds"] == sum(r["epoch_seconds"] for r in metrics(interrupted))
 
     status, printed = train(["--resume", interrupted], capsys)  # once more: nothing is redone
     assert status == 0 and "finished run" in printed.out
@@ -265,6 +274,9 @@ def test_bad_checkpoints_and_folders_are_named_in_one_line(tmp_path, monkeypatch
     assert status == 2 and str(damaged) in one_error_line(printed) and "damaged" in printed.err
     status, printed = train(["--resume", str(tmp_path / "nowhere")], capsys)
     assert status == 2 and "nowhere" in one_error_line(printed)
+    typo = tmp_path / "cifar1O"
+    status, printed = train(["--data-dir", str(typo), "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
+    assert status == 2 and str(typo) in one_error_line(printed) and not typo.exists()
 
     out = str(tmp_path / "run")
     interrupt_after_first_checkpoint(monkeypatch)
@@ -379,6 +391,40 @@ def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_targets_by_its_a
         assert targets[i, j].item() == pytest.approx(pasted[i].sum().item() / 64)
         boxes.add((box[0].start, box[0].stop, box[1].start, box[1].stop))
     assert len(boxes) <= 1
+
+
+def test_batchnorm_statistics_are_recomputed_as_the_plain_average_over_training_images():
+    """After recalibration every BatchNorm holds the mean and (unbiased) variance of its input
+    over the given images, as one train-mode pass with momentum 1 would leave them over a single
+    batch of them all; the momenta are as before, and the weights untouched."""
+    model = gmf.create_model("groupmixformer_tiny", drop_path_rate=0.0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model).train()
+    for norm in reference.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.reset_running_stats()
+            norm.momentum = 1.0  # keep exactly what one batch shows
+    with torch.no_grad():
+        reference(train_cifar.normalize(images))
+    with torch.no_grad():  # statistics from other images, as training would have left them
+        model.train()(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    train_cifar.recalibrate_batchnorm(model, images, lambda: torch.autocast("cpu", enabled=False), batch_size=64)
+    for (name, got), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        if name.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(torch.equal(weights[k], v) for k, v in model.named_parameters())
+
+
+def test_a_short_runs_warm_up_is_at_most_a_quarter_of_it(tmp_path):
+    """A 2-epoch warm-up in a run of 2 epochs of 3 steps would never reach the peak rate: it is
+    cut to a quarter of the run (1 step), and long runs keep theirs."""
+    for epochs, warmup_steps in (("2", 1), ("20", 6)):
+        args = train_cifar.resolve_run(train_cifar.parse_args(
+            TINY_RUN + ["--epochs", epochs, "--warmup-epochs", "2", "--out", str(tmp_path / epochs)]))
+        schedule = train_cifar.Trainer(args).scheduler.lr_lambdas[0]
+        assert schedule(warmup_steps - 1) == 1.0 and schedule(warmup_steps - 2) < 1.0
 
 
 def test_the_ema_is_an_exponential_moving_average_of_weights_and_statistics():
