@@ -250,6 +250,16 @@ def test_without_data_the_script_says_what_to_do_in_one_line(download, tmp_path,
     assert ("network is unreachable" if download == "fails" else "not found") in line
 
 
+def test_an_unknown_model_is_named_before_any_data_is_read(tmp_path, monkeypatch, capsys):
+    """A mistyped --model stops the run at once, not after minutes of loading images."""
+    def no_loading(args):
+        raise AssertionError("data was read before the model was checked")
+
+    monkeypatch.setattr(train_cifar, "load_data", no_loading)
+    status, printed = train(["--model", "groupmixformer_tinny", "--device", "cpu", "--out", str(tmp_path)], capsys)
+    assert status == 2 and "groupmixformer_tinny" in one_error_line(printed)
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """A NaN loss in epoch 2 stops the run with status 3; last.pt still holds epoch 1."""
     out, losses, loss_function = str(tmp_path / "run"), [], train_cifar.loss_function
