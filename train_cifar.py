@@ -413,8 +413,8 @@ class Trainer:
             raise UserError(f"{args.resume} was written on {saved['device']} and continues only there "
                             f"(--device {saved['device']})")
         if not args.synthetic and args.data_dir is not None and not os.path.isdir(args.data_dir):
-            raise UserError(f"--data-dir {args.data_dir} is not a folder (a typing error?); leave it out to "
-                            "download CIFAR-10 into ./data")
+            raise UserError(f"the data folder {args.data_dir} does not exist (a typing error?); without "
+                            "--data-dir, CIFAR-10 is downloaded into ./data")
         args.device, args.data_dir = device.type, args.data_dir or "./data"
         args.precision = pick_precision(args.precision, device)  # saved as chosen, resumed as saved
         self.args = args
