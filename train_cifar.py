@@ -355,7 +355,7 @@ def evaluate(model, images, labels, tta, autocast, batch_size=1000):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, images, autocast, batch_size=256):
+def recalibrate_batchnorm(model, images, autocast, batch_size):
     """Set every BatchNorm's running statistics to the plain average of their per-batch values
     over these training images (un-augmented), as the current weights see them ("precise
     BatchNorm").
@@ -384,15 +384,16 @@ class EMA:
     def __init__(self, model, decay):
         self.decay = decay
         self.model = copy.deepcopy(model).requires_grad_(False)
-        self.pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # views
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # views, kept
+        self.averaged = [pair for pair in pairs if pair[0].is_floating_point()]  # sorted once, not per step
+        self.copied = [pair for pair in pairs if not pair[0].is_floating_point()]  # counters
 
     @torch.no_grad()
     def update(self):
-        floats = [(ema, now) for ema, now in self.pairs if ema.is_floating_point()]
-        torch._foreach_lerp_([ema for ema, _ in floats], [now for _, now in floats], 1 - self.decay)
-        for ema, now in self.pairs:
-            if not ema.is_floating_point():
-                ema.copy_(now)
+        ema, now = zip(*self.averaged)
+        torch._foreach_lerp_(ema, now, 1 - self.decay)  # every tensor in a few kernel launches
+        for ema, now in self.copied:
+            ema.copy_(now)
 
 
 class Trainer:
@@ -404,9 +405,8 @@ class Trainer:
         checkpoint = load_checkpoint(args.resume) if args.resume else None
         if checkpoint:  # the run continues exactly as it was set up, wherever its data now is
             saved = checkpoint["settings"]
-            args = argparse.Namespace(**{**saved, "data_dir": args.data_dir or saved["data_dir"],
-                                         "device": args.device or saved["device"], "resume": args.resume,
-                                         "out": os.path.dirname(os.path.abspath(args.resume))})
+            args = saved_settings(saved, args, resume=args.resume,
+                                  out=os.path.dirname(os.path.abspath(args.resume)))
             print(f"resuming {args.resume} after epoch {checkpoint['epoch']} (its saved settings are used)")
         self.device = device = pick_device(args.device or "auto")
         if checkpoint and device.type != saved["device"]:  # random streams differ between devices
@@ -534,7 +534,8 @@ class Trainer:
         interruption leaves behind, resuming from last.pt redoes the epochs after it exactly."""
         args, out = self.args, self.args.out
         eval_model = self.ema.model if self.ema else self.model
-        recalibrate_batchnorm(eval_model, self.train_images[:BATCHNORM_IMAGES], self.autocast)
+        # In batches of the training size: on a GPU a new shape would mean a new algorithm search.
+        recalibrate_batchnorm(eval_model, self.train_images[:BATCHNORM_IMAGES], self.autocast, args.batch_size)
         row["val_loss"], row["val_acc"] = evaluate(eval_model, self.val_images, self.val_labels, args.tta,
                                                    self.autocast)
         best_before = max((r["val_acc"] for r in self.history), default=-1.0)
@@ -664,6 +665,13 @@ def train_series(args):
     return summary
 
 
+def saved_settings(saved, args, **changes):
+    """A resumed run's settings: as saved, except where its data is and which device runs it,
+    when given on the command line."""
+    return argparse.Namespace(**{**saved, "data_dir": args.data_dir or saved["data_dir"],
+                                 "device": args.device or saved["device"], **changes})
+
+
 def resolve_run(args):
     """Fill in --out, and for --resume find the checkpoint (a last.pt, or a run or series folder)."""
     if not args.resume:
@@ -674,10 +682,7 @@ def resolve_run(args):
         return args
     if os.path.isfile(os.path.join(args.resume, "series.json")):
         with open(os.path.join(args.resume, "series.json")) as f:
-            saved = json.load(f)
-        return argparse.Namespace(**{**saved, "data_dir": args.data_dir or saved["data_dir"],
-                                     "device": args.device or saved["device"], "out": args.resume,
-                                     "resume": None})
+            return saved_settings(json.load(f), args, out=args.resume, resume=None)
     path = os.path.join(args.resume, "last.pt") if os.path.isdir(args.resume) else args.resume
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: --resume takes a run folder, a series folder or a last.pt")
