@@ -5,7 +5,10 @@ Parts, in reading order (GMF_HYPOTHESIS=thorough draws many more examples of eac
 1. GMA from the equations. Loop references in float64 that share no code with gmf.py: the k x k
    group aggregation, both attention cores, the conv. relative position encoding, the
    non-attention branch, a whole GMA layer and block. The vectorised code equals them for drawn
-   configs, grid sizes (non-square too) and seeds. Hand-worked examples come first.
+   configs, grid sizes (non-square too) and seeds. Hand-worked examples come first. Then why
+   attention over proxies relates groups: without BatchNorm and Hardswish a proxy logit is a
+   double window sum of token-to-token terms (A (Q G K^T) A^T when all channels share a kernel),
+   and BatchNorm's shift and Hardswish are what bend this.
 2. Symmetries, each with the reason it holds:
    - circular padding: a stride-1 block commutes with cyclic shifts of the token grid, and the
      logits ignore image shifts by multiples of the total stride (convs and per-token maps
@@ -17,7 +20,9 @@ Parts, in reading order (GMF_HYPOTHESIS=thorough draws many more examples of eac
    - with left-right symmetric kernels the network commutes with horizontal flips;
    - softmax over tokens ignores a constant added to all tokens of a key channel;
    - the factorized core is the N x N map q softmax(k)^T applied to v, so both cores can be put
-     side by side as maps.
+     side by side as maps; that map has rank <= d, and each key channel pools v over the whole
+     image; CRPE is windowed relative attention with one embedding per channel (CoaT's
+     derivation), and the factorized core's odd scale is a change of parametrisation.
 3. Gradients and numerics: gradcheck of a GMA layer, a gradient for every parameter, finite
    outputs, drop path, the official initialisation, same seed same output.
 4. API and shapes: forward = forward_head(forward_features); every stage's grid is what its
@@ -310,10 +315,10 @@ seeds = st.integers(0, 2**32 - 1)
 
 
 @st.composite
-def gma_cases(draw, block=False, padding_mode=None, max_side=5):
+def gma_cases(draw, block=False, attention=None, padding_mode=None, max_side=5):
     """(cfg, (H, W), module, seed): a drawn config and grid, and the GMA layer (or block) built
     from them with weights from the drawn seed; tests fill their inputs from seed, seed + 1, ..."""
-    cfg = draw(gma_configs(padding_mode=padding_mode))
+    cfg = draw(gma_configs(attention=attention, padding_mode=padding_mode))
     size = draw(grid_strategy(cfg, max_side))
     seed = draw(seeds)
     return cfg, size, (gma_block if block else gma_layer)(cfg, seed), seed
@@ -345,6 +350,142 @@ def test_hand_worked_factorized_attention_on_two_tokens():
 
 
 # ----------------------------------------------------------------------------------------------
+# Why attention over proxies relates groups: a proxy logit is a window sum of token terms
+# ----------------------------------------------------------------------------------------------
+#
+# Without BatchNorm and Hardswish an aggregator is linear: proxy_p = sum_o P D_o x_(p+o), with D_o
+# the diagonal of depthwise weights at window offset o and P the 1 x 1 mix. So a proxy logit is
+#     qhat_p . khat_p' = sum over offsets o, o' of q_(p+o)^T (D_o P^T P D_o') k_(p'+o'),
+# every token of p's window against every token of p''s window. With one kernel a for all
+# channels, D_o = a_o I and the whole matrix is Qhat Khat^T = A (Q G K^T) A^T, G = P^T P.
+
+def linear_part(aggregator, x):
+    """The aggregator without BatchNorm and Hardswish: the separable conv (nothing for k = 1)."""
+    return aggregator.pointwise(aggregator.depthwise(x)) if aggregator.group_size > 1 else x
+
+
+def logits(q_map, k_map):
+    """q_p . k_p' for every pair of grid positions of one map each (s, H, W): an (N, N) matrix."""
+    return q_map.flatten(1).T @ k_map.flatten(1)
+
+
+def window_offsets(k):
+    return [(dy, dx) for dy in range(-(k // 2), k // 2 + 1) for dx in range(-(k // 2), k // 2 + 1)]
+
+
+def naive_proxy_logits(q_map, k_map, aggregator, k):
+    """Every entry of Qhat Khat^T as the double window sum of bilinear token terms (zero padding)."""
+    s, H, W = q_map.shape
+    P = aggregator.pointwise.weight[:, :, 0, 0]
+    D = {(dy, dx): torch.diag(aggregator.depthwise.weight[:, 0, dy + k // 2, dx + k // 2])
+         for dy, dx in window_offsets(k)}
+    token = q_map.flatten(1).T  # (N, s): row n is the token at (n // W, n % W)
+    key = k_map.flatten(1).T
+    # terms[o][o'][a][b] = q_a^T (D_o P^T P D_o') k_b for every token pair (a, b)
+    terms = {(o, o2): (token @ D[o] @ P.T @ P @ D[o2] @ key.T).tolist() for o in D for o2 in D}
+    out = torch.zeros(H * W, H * W, dtype=q_map.dtype)
+    for p in range(H * W):
+        for p2 in range(H * W):
+            total = 0.0
+            for (dy, dx) in D:
+                y, x = p // W + dy, p % W + dx
+                if not (0 <= y < H and 0 <= x < W):
+                    continue  # zero padding: outside the grid there is no token
+                for (dy2, dx2) in D:
+                    y2, x2 = p2 // W + dy2, p2 % W + dx2
+                    if 0 <= y2 < H and 0 <= x2 < W:
+                        total += terms[(dy, dx), (dy2, dx2)][y * W + x][y2 * W + x2]
+            out[p, p2] = total
+    return out
+
+
+def window_matrix(kernel, H, W, padding_mode):
+    """A[p, p+o] = kernel at offset o: the N x N matrix of one k x k window sum over the grid."""
+    k = kernel.shape[0]
+    A = torch.zeros(H * W, H * W, dtype=kernel.dtype)
+    for p in range(H * W):
+        for dy, dx in window_offsets(k):
+            y, x = p // W + dy, p % W + dx
+            if padding_mode == "circular":
+                y, x = y % H, x % W
+            elif not (0 <= y < H and 0 <= x < W):
+                continue
+            A[p, y * W + x] += kernel[dy + k // 2, dx + k // 2]
+    return A
+
+
+def test_hand_worked_proxy_logit_relates_two_windows_of_tokens():
+    """One row of 8 tokens, window 3, kernel of ones, P = 1: the logit of proxies 2 and 5 is the sum
+    of q_a k_b over tokens a in {1, 2, 3} and b in {4, 5, 6}, nine token pairs (the paper's Fig. 1)."""
+    aggregator = gmf.GroupAggregator(1, 3, "zeros").double()
+    with torch.no_grad():
+        aggregator.depthwise.weight.fill_(1.0)
+        aggregator.pointwise.weight.fill_(1.0)
+    q, k = random_tensor(0, 1, 1, 8), random_tensor(1, 1, 1, 8)  # (s=1, H=1, W=8)
+    proxy_logits = logits(linear_part(aggregator, q[None])[0], linear_part(aggregator, k[None])[0])
+    token_logits = logits(q, k)
+    torch.testing.assert_close(proxy_logits[2, 5], token_logits[1:4, 4:7].sum(), rtol=0, atol=ATOL)
+    torch.testing.assert_close(proxy_logits[0, 7], token_logits[0:2, 6:8].sum(), rtol=0, atol=ATOL)  # edges
+
+
+@given(s=st.integers(1, 3), k=st.sampled_from([3, 5]), H=st.integers(1, 4), W=st.integers(1, 4), seed=seeds)
+def test_proxy_logits_are_double_window_sums_of_token_terms(s, k, H, W, seed):
+    """Without BN and Hardswish, qhat_p . khat_p' = sum_{o, o'} q_(p+o)^T D_o P^T P D_o' k_(p'+o')."""
+    aggregator = randomize_(gmf.GroupAggregator(s, k, "zeros"), seed).double()
+    q, k_map = random_tensor(seed + 1, 1, s, H, W), random_tensor(seed + 2, 1, s, H, W)
+    proxy_logits = logits(linear_part(aggregator, q)[0], linear_part(aggregator, k_map)[0])
+    torch.testing.assert_close(proxy_logits, naive_proxy_logits(q[0], k_map[0], aggregator, k), rtol=0, atol=1e-9)
+
+
+@given(s=st.integers(1, 3), k=st.sampled_from([3, 5, 7]), H=st.integers(1, 6), W=st.integers(1, 6),
+       padding_mode=st.sampled_from(gmf.PADDING_MODES), seed=seeds)
+def test_with_one_kernel_for_all_channels_proxy_logits_are_a_qgkt_at(s, k, H, W, padding_mode, seed):
+    """If every channel shares the depthwise kernel a, then Qhat Khat^T = A (Q G K^T) A^T, with A the
+    N x N window matrix of a and G = P^T P: the token logits, summed over pairs of windows."""
+    if padding_mode == "circular" and min(H, W) < k // 2:
+        return  # circular padding needs the grid at least as large as the padding
+    aggregator = randomize_(gmf.GroupAggregator(s, k, padding_mode), seed).double()
+    kernel = random_tensor(seed + 3, k, k)
+    with torch.no_grad():
+        aggregator.depthwise.weight.copy_(kernel.expand(s, 1, k, k))
+    q, k_map = random_tensor(seed + 1, 1, s, H, W), random_tensor(seed + 2, 1, s, H, W)
+    proxy_logits = logits(linear_part(aggregator, q)[0], linear_part(aggregator, k_map)[0])
+    A = window_matrix(kernel, H, W, padding_mode)
+    P = aggregator.pointwise.weight[:, :, 0, 0]
+    token_logits = q[0].flatten(1).T @ (P.T @ P) @ k_map[0].flatten(1)  # Q G K^T
+    torch.testing.assert_close(proxy_logits, A @ token_logits @ A.T, rtol=0, atol=1e-9)
+
+
+@given(k=st.sampled_from([1, 3, 5, 7]), seed=seeds)
+def test_batchnorm_and_hardswish_are_what_break_the_window_sum_identity(k, seed):
+    """With BN's shift and Hardswish the proxy logits leave A (Q G K^T) A^T by a sizeable amount;
+    with an identity BN and no activation they obey it exactly."""
+    s, H, W = 3, 5, 5
+    aggregator = randomize_(gmf.GroupAggregator(s, k, "zeros"), seed).double().eval()
+    kernel = random_tensor(seed + 3, k, k)
+    if k > 1:
+        with torch.no_grad():
+            aggregator.depthwise.weight.copy_(kernel.expand(s, 1, k, k))
+    A = window_matrix(kernel, H, W, "zeros") if k > 1 else torch.eye(H * W, dtype=torch.float64)
+    P = aggregator.pointwise.weight[:, :, 0, 0] if k > 1 else torch.eye(s, dtype=torch.float64)
+    q, k_map = random_tensor(seed + 1, 1, s, H, W), random_tensor(seed + 2, 1, s, H, W)
+    predicted = A @ (q[0].flatten(1).T @ P.T @ P @ k_map[0].flatten(1)) @ A.T
+
+    def relative_gap(module):
+        actual = logits(module(q)[0], module(k_map)[0])
+        return ((actual - predicted).norm() / predicted.norm()).item()
+
+    assert relative_gap(aggregator) > 0.05
+    with torch.no_grad():  # BN to the identity map (eps included), Hardswish out
+        aggregator.norm.running_mean.zero_()
+        aggregator.norm.running_var.fill_(1 - aggregator.norm.eps)
+        aggregator.norm.weight.fill_(1.0)
+        aggregator.norm.bias.zero_()
+    aggregator.act = torch.nn.Identity()
+    assert relative_gap(aggregator) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
 # The vectorised components equal their loop references
 # ----------------------------------------------------------------------------------------------
 
@@ -352,7 +493,7 @@ def test_hand_worked_factorized_attention_on_two_tokens():
 def test_group_aggregators_equal_the_window_loop(case):
     """Each aggregator computes BN(1x1(sum over its k x k window)) then Hardswish, for every k."""
     cfg, (H, W), gma, seed = case
-    x = random_tensor(seed, 2, gma.segment, H, W)
+    x = random_tensor(seed, 2, gma.segment_width, H, W)
     for aggregator, k in zip(gma.aggregators, cfg.group_sizes):
         torch.testing.assert_close(aggregator(x), naive_group_aggregation(x, aggregator, k, cfg.padding_mode),
                                    rtol=0, atol=ATOL)
@@ -388,7 +529,7 @@ def test_conv_relative_position_encoding_equals_its_loop(case):
 def test_non_attention_branch_equals_its_loop(case):
     """The non-attention branch is LN(1x1(DW3x3([Q4 | K4 | V4]))) then Hardswish, per token."""
     cfg, (H, W), gma, seed = case
-    q4, k4, v4 = (random_tensor(seed + i, 2, gma.segment, H, W) for i in range(3))
+    q4, k4, v4 = (random_tensor(seed + i, 2, gma.segment_width, H, W) for i in range(3))
     torch.testing.assert_close(gma.non_attention_branch(q4, k4, v4),
                                naive_non_attention_branch(q4, k4, v4, gma.non_attention_branch, cfg.padding_mode),
                                rtol=0, atol=ATOL)
@@ -562,6 +703,72 @@ def test_factorized_attention_is_an_unnormalised_n_by_n_map(N, d, seed):
     softmax_map = (0.5 * q @ k.transpose(-2, -1)).softmax(dim=-1)
     torch.testing.assert_close(gmf.softmax_attention(q, k, v, 0.5), softmax_map @ v, rtol=0, atol=ATOL)
     torch.testing.assert_close(softmax_map.sum(-1), torch.ones(2, 3, N, dtype=torch.float64))
+
+
+@given(N=st.integers(2, 12), d=st.integers(1, 4), seed=seeds)
+def test_the_factorized_map_has_rank_at_most_d_and_pools_v_globally(N, d, seed):
+    """The implicit map scale * q softmax_N(k)^T is (N x d)(d x N): rank <= d however large N is.
+    Row c of the context softmax_N(k)^T v is v pooled over all N positions with the weights
+    softmax_N(k[:, c]), the same pooling for every query."""
+    q, k, v = (random_tensor(seed + i, N, d) for i in range(3))
+    factorized_map = 0.5 * q @ k.softmax(dim=0).T
+    assert torch.linalg.matrix_rank(factorized_map).item() <= min(d, N)
+    context = k.softmax(dim=0).T @ v  # (d, d)
+    for c in range(d):
+        weights = softmax(k[:, c], dim=0)
+        pooled = sum(weights[n] * v[n] for n in range(N))
+        torch.testing.assert_close(context[c], pooled, rtol=0, atol=ATOL)
+
+
+@given(gma_cases(max_side=4))
+def test_crpe_is_windowed_relative_attention_with_one_embedding_per_channel(case):
+    """CoaT's derivation, entry by entry: out[p, c] = sum over p' of E_c[p, p'] v[p', c] + q[p, c] b[c],
+    with the relative map E_c[p, p'] = q[p, c] r[p' - p, c] for offsets inside the head's window
+    (r: the depthwise kernel, b: its bias). No conv is called: the N x N maps are built."""
+    cfg, (H, W), gma, seed = case
+    N, h, d = H * W, cfg.num_heads, gma.head_dim
+    q, v = (random_tensor(seed + i, 1, h, N, d) for i in range(2))
+    head_kernels = [group for group, (_, heads) in enumerate(cfg.crpe_windows) for _ in range(heads)]
+    expected = torch.zeros_like(q)
+    for head, group in enumerate(head_kernels):
+        conv, k = gma.crpe.convs[group], cfg.crpe_windows[group][0]
+        first = (head - head_kernels.index(group)) * d  # the head's channels within its group's conv
+        for c in range(d):
+            r, b = conv.weight[first + c, 0], conv.bias[first + c]  # (k, k), scalar
+            E = torch.zeros(N, N, dtype=torch.float64)
+            for p in range(N):
+                for dy, dx in window_offsets(k):
+                    y, x = p // W + dy, p % W + dx
+                    if cfg.padding_mode == "circular":
+                        y, x = y % H, x % W
+                    elif not (0 <= y < H and 0 <= x < W):
+                        continue
+                    E[p, y * W + x] += q[0, head, p, c] * r[dy + k // 2, dx + k // 2]
+            expected[0, head, :, c] = E @ v[0, head, :, c] + q[0, head, :, c] * b
+    torch.testing.assert_close(gma.crpe(q, v, (H, W)), expected, rtol=0, atol=ATOL)
+
+
+@given(case=gma_cases(attention="factorized"), new_scale=st.floats(0.05, 2.0))
+def test_the_factorized_scale_is_a_change_of_parametrisation(case, new_scale):
+    """The scale multiplies only the attention term. A layer with any other scale computes the same
+    function once its CRPE kernels and biases are multiplied by new/old and the output projection's
+    columns of the attention heads by old/new: the scale quirk limits nothing the layer can express."""
+    cfg, (H, W), gma, seed = case
+    x = random_tensor(seed, 2, H * W, cfg.dims[0])
+    old_scale = gma.scale
+    other = gma_layer(cfg, seed)
+    other.scale = new_scale
+    ratio = new_scale / old_scale
+    attention_channels = cfg.num_heads * gma.head_dim
+    with torch.no_grad():
+        for conv in other.crpe.convs:
+            conv.weight.mul_(ratio)
+            conv.bias.mul_(ratio)
+        other.proj.weight[:, :attention_channels].div_(ratio)
+    torch.testing.assert_close(other(x, (H, W)), gma(x, (H, W)), rtol=0, atol=1e-9)
+    if abs(ratio - 1) > 1e-3:  # the scale alone does change the layer
+        other.scale = old_scale
+        assert not torch.allclose(other(x, (H, W)), gma(x, (H, W)), rtol=0, atol=1e-9)
 
 
 # ==============================================================================================
