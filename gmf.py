@@ -18,6 +18,7 @@ Reading guide (file section -> paper):
   5. Config                         -> Sec. 3.3 (configurations of the variants)
   6. GMA block, stages, backbone    -> Sec. 3.3 (architecture)
   7. Variants, official weights     -> Sec. 3.3; the official repository's configs and checkpoints
+  8. Attention maps                 -> Fig. 1 (the maps of a real network)
 
 Differences from the official code (the network computed is the same, weight for weight):
   - names follow the paper; convert_official_state_dict() maps the official names onto ours;
@@ -239,6 +240,10 @@ class GroupMixAttention(nn.Module):
     4. Attention per head (factorized or softmax core), plus the conv. rel. position encoding.
     5. The last segment takes the non-attention branch, whose output is appended last; a linear
        projection mixes all segments again.
+
+    Two ablation switches of the config change this: use_crpe=False leaves out the position
+    encoding of step 4; use_non_attention_branch=False cuts Q, K, V into n segments of C/n, all
+    attending, so that step 5 is the projection alone (the width C and the heads stay).
     """
 
     def __init__(self, dim, cfg):
@@ -255,20 +260,22 @@ class GroupMixAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
         self.aggregators = nn.ModuleList(
             GroupAggregator(self.segment_width, k, cfg.padding_mode) for k in cfg.group_sizes)
-        self.non_attention_branch = NonAttentionBranch(self.segment_width, cfg.padding_mode)
-        self.crpe = ConvRelPosEnc(self.head_dim, cfg.crpe_windows, cfg.padding_mode)
+        self.non_attention_branch = (NonAttentionBranch(self.segment_width, cfg.padding_mode)
+                                     if cfg.use_non_attention_branch else None)
+        self.crpe = ConvRelPosEnc(self.head_dim, cfg.crpe_windows, cfg.padding_mode) if cfg.use_crpe else None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, size):
+    def heads(self, x, size):
+        """Steps 1-3 for tokens x (B, N, C): each head's q, k, v (B, h, N, d), and the last segment
+        of Q, K and V stacked, (3B, s, H, W), for the non-attention branch (None without one)."""
         B, N, C = x.shape
-        H, W = size
         h, d, s = self.num_heads, self.head_dim, self.segment_width
 
         # 1. Q, K, V stacked on the batch axis, so that each aggregator runs once over all three
         #    (as officially: in training its BatchNorm statistics pool over Q, K and V).
         qkv = self.qkv(x).reshape(B, N, 3, C).permute(2, 0, 1, 3)  # (3, B, N, C): Q, K, V
         qkv = tokens_to_map(qkv.reshape(3 * B, N, C), size)  # (3B, C, H, W)
-        segments = qkv.split(s, dim=1)  # n + 1 segments of (3B, s, H, W)
+        segments = qkv.split(s, dim=1)  # n (+ 1) segments of (3B, s, H, W)
 
         # 2. Tokens (window 1) and group proxies of the attention segments, side by side.
         aggregated = torch.cat([agg(seg) for agg, seg in zip(self.aggregators, segments)], dim=1)
@@ -276,18 +283,26 @@ class GroupMixAttention(nn.Module):
         # 3. Heads: head j takes aggregated channels [j*d, (j+1)*d), all from one segment.
         aggregated = aggregated.reshape(3, B, h, d, N).transpose(-2, -1)  # (3, B, h, N, d)
         q, k, v = aggregated.unbind(0)  # 3 x (B, h, N, d)
+        return q, k, v, (segments[-1] if self.non_attention_branch is not None else None)
+
+    def forward(self, x, size):
+        B, N, C = x.shape
+        q, k, v, last_segment = self.heads(x, size)  # steps 1-3
 
         # 4. Attention among positions of the same kind, plus the position encoding q * DWConv(v).
         if self.attention == "factorized":
             out = factorized_attention(q, k, v, self.scale)
         else:
             out = softmax_attention(q, k, v, self.scale)
-        out = out + self.crpe(q, v, size)  # (B, h, N, d)
-        out = out.transpose(1, 2).reshape(B, N, h * d)  # (B, N, n*s), channel = head * d + j
+        if self.crpe is not None:
+            out = out + self.crpe(q, v, size)  # (B, h, N, d)
+        out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, n*s), channel = head * d + j
 
         # 5. The last segment: the non-attention branch, appended as the last s channels.
-        local = self.non_attention_branch(*segments[-1].chunk(3, dim=0))  # (B, N, s)
-        return self.proj(torch.cat([out, local], dim=-1))  # (B, N, C)
+        if self.non_attention_branch is not None:
+            local = self.non_attention_branch(*last_segment.chunk(3, dim=0))  # (B, N, s)
+            out = torch.cat([out, local], dim=-1)
+        return self.proj(out)  # (B, N, C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +321,8 @@ class GroupMixFormerConfig:
     num_heads: int = 8  # attention heads, spread evenly over the attention segments
     group_sizes: tuple = (1, 3, 5, 7)  # aggregation window of each attention segment; 1 = tokens
     crpe_windows: tuple = ((3, 2), (5, 3), (7, 3))  # (kernel, heads) of the conv. rel. pos. enc.
+    use_crpe: bool = True  # False: no conv. relative position encoding (an ablation)
+    use_non_attention_branch: bool = True  # False: its channels join the attention segments (an ablation)
     stem_strides: tuple = (2, 2)  # strides of the two stem convs; (2, 2) = the official /4
     stage_strides: tuple = (1, 2, 2, 2)  # stride of each stage's patch embedding
     attention: str = "factorized"  # "factorized" (official, CoaT) or "softmax" (paper's figure)
@@ -324,8 +341,8 @@ class GroupMixFormerConfig:
 
     @property
     def num_segments(self):
-        """Channel segments of GMA: one per group size plus the non-attention branch."""
-        return len(self.group_sizes) + 1
+        """Channel segments of GMA: one per group size, plus the non-attention branch if used."""
+        return len(self.group_sizes) + (1 if self.use_non_attention_branch else 0)
 
     def validate(self):
         """Raise ValueError naming the value and the rule for any config GMA cannot be built from."""
@@ -357,13 +374,17 @@ class GroupMixFormerConfig:
                  f"{len(self.group_sizes)} attention segments, so that no head mixes two segments")
         for c in self.dims:
             if not isinstance(c, int) or c < 1 or c % self.num_segments:
+                parts = "group sizes + non-attention branch" if self.use_non_attention_branch else "group sizes"
                 fail(f"stage width {c} in dims={self.dims} must split into {self.num_segments} "
-                     "equal segments (group sizes + non-attention branch)")
+                     f"equal segments ({parts})")
             segment = c // self.num_segments
             heads_per_segment = self.num_heads // len(self.group_sizes)
             if segment % heads_per_segment:
                 fail(f"stage width {c}: segment width {segment} must split into {heads_per_segment} "
                      f"heads per segment (num_heads={self.num_heads})")
+        for name in ("use_crpe", "use_non_attention_branch", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name}={getattr(self, name)!r} must be True or False")
         if sum(heads for _, heads in self.crpe_windows) != self.num_heads:
             fail(f"crpe_windows={self.crpe_windows} must assign exactly num_heads={self.num_heads} heads")
         if any(k < 1 or k % 2 == 0 or heads < 1 for k, heads in self.crpe_windows):
@@ -541,7 +562,8 @@ class GroupMixFormer(nn.Module):
         if self.cfg.padding_mode == "circular":
             # Circular padding wraps around the map, which only works when the map is at least
             # as large as the padding: the 7x7 windows (padding 3) need grids of 3 x 3 or more.
-            need = max(max(self.cfg.group_sizes), max(k for k, _ in self.cfg.crpe_windows), 3) // 2
+            crpe_kernels = [k for k, _ in self.cfg.crpe_windows] if self.cfg.use_crpe else []
+            need = max(*self.cfg.group_sizes, *crpe_kernels, 3) // 2
             for stage, (h, w) in enumerate(self.grid_sizes((H, W))):
                 if min(h, w) < need:
                     raise ValueError(
@@ -711,6 +733,53 @@ def load_official_weights(model, checkpoint):
                          f"unexpected {unexpected}, wrong shape {wrong_shape}")
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Looking inside: the attention maps of a network
+# ----------------------------------------------------------------------------------------------
+
+def attention_maps(model, x, max_bytes=2**30):
+    """Every GMA block's per-head N x N attention map for the images x: a list with one
+    (B, h, N, N) tensor per block, in forward order, computed in eval mode without gradients.
+
+    Softmax core: the attention weights softmax_keys(scale q k^T), each row summing to one.
+    Factorized core: the map scale * q softmax_N(k)^T that the core applies to v without ever
+    building it; it is unnormalised (rows need not sum to one) and has rank <= d. With either core,
+    map @ v is the core's output. The conv. relative position encoding adds q * DWConv(v), a local
+    term of its own that these maps leave out.
+
+    The model is left as it was: its train/eval mode restored, the hooks removed, nothing kept.
+    Raises ValueError when the maps would take more than max_bytes (1 GiB by default).
+    """
+    B, _, H, W = x.shape
+    grids = model.grid_sizes((H, W))
+    sizes = [B * model.cfg.num_heads * (h * w) ** 2 * x.element_size()
+             for (h, w), depth in zip(grids, model.cfg.depths) for _ in range(depth)]
+    if sum(sizes) > max_bytes:
+        raise ValueError(f"the attention maps of {B} images of {H}x{W} would take {sum(sizes) / 2**20:,.0f} "
+                         f"MiB, more than max_bytes={max_bytes:,}; use fewer or smaller images, or raise max_bytes")
+
+    maps = []
+
+    def record(attn, inputs):  # runs before each GMA layer, on what the layer receives
+        q, k, v, _ = attn.heads(*inputs)
+        if attn.attention == "softmax":
+            maps.append((attn.scale * q @ k.transpose(-2, -1)).softmax(dim=-1))
+        else:
+            maps.append(attn.scale * q @ k.softmax(dim=-2).transpose(-2, -1))
+
+    layers = [m for m in model.modules() if isinstance(m, GroupMixAttention)]
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return maps
 
 
 # ----------------------------------------------------------------------------------------------

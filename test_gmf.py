@@ -27,7 +27,8 @@ Parts, in reading order (GMF_HYPOTHESIS=thorough draws many more examples of eac
    outputs, drop path, the official initialisation, same seed same output.
 4. API and shapes: forward = forward_head(forward_features); every stage's grid is what its
    convolutions give, for any config and input size; reset_classifier; param_groups; the
-   variants and create_model's overrides.
+   attention maps (map @ v is each core's output; the model is left untouched); the variants,
+   create_model's overrides and the two ablation switches.
 5. Fidelity to the official code: every official weight name maps onto a tensor of the same
    shape, and with the same weights our network gives the official network's logits (golden
    values computed with the official code) for all five variants, in eval and train mode; the
@@ -38,6 +39,7 @@ Parts, in reading order (GMF_HYPOTHESIS=thorough draws many more examples of eac
 
 The trainer, train_cifar.py, has its own tests in test_train_cifar.py.
 """
+import copy
 import functools
 import math
 import os
@@ -203,7 +205,7 @@ def naive_gma(x, size, gma, cfg):
     """A whole GMA layer (eval mode) assembled from the naive parts, segment by segment."""
     B, N, C = x.shape
     H, W = size
-    s = C // cfg.num_segments
+    s = C // (len(cfg.group_sizes) + (1 if cfg.use_non_attention_branch else 0))
     h = cfg.num_heads
     d = s * len(cfg.group_sizes) // h
     qkv = linear(x, gma.qkv)
@@ -218,8 +220,11 @@ def naive_gma(x, size, gma, cfg):
         out = naive_factorized_attention(q, k, v, (C // h) ** -0.5)
     else:
         out = naive_softmax_attention(q, k, v, d ** -0.5)
-    out = out + naive_crpe(q, v, size, gma.crpe, cfg.crpe_windows, cfg.padding_mode)
+    if cfg.use_crpe:
+        out = out + naive_crpe(q, v, size, gma.crpe, cfg.crpe_windows, cfg.padding_mode)
     out = out.transpose(1, 2).reshape(B, N, h * d)
+    if not cfg.use_non_attention_branch:  # the ablation: every segment attends
+        return linear(out, gma.proj)
     last = slice(len(cfg.group_sizes) * s, C)
     local = naive_non_attention_branch(*(m[:, last] for m in maps), gma.non_attention_branch, cfg.padding_mode)
     return linear(torch.cat([out, local], dim=-1), gma.proj)
@@ -247,21 +252,23 @@ def one_stage_config(dim, **overrides):
 
 
 @st.composite
-def gma_configs(draw, attention=None, padding_mode=None):
-    """A GMA config that builds: segment and head widths are multiplied up, never divided down."""
+def gma_configs(draw, attention=None, padding_mode=None, ablations=False):
+    """A GMA config that builds: segment and head widths are multiplied up, never divided down.
+    With ablations=True the two ablation switches are drawn too (else both stay on)."""
     group_sizes = draw(st.sampled_from([(1, 3, 5, 7), (1, 3), (3, 1, 5), (5,)]))
     heads_per_segment = draw(st.integers(1, 2))
     head_dim = draw(st.integers(1, 3))
     num_heads = heads_per_segment * len(group_sizes)
     segment = heads_per_segment * head_dim
-    dim = segment * (len(group_sizes) + 1)
+    use_crpe, use_branch = (draw(st.booleans()), draw(st.booleans())) if ablations else (True, True)
+    dim = segment * (len(group_sizes) + (1 if use_branch else 0))
     kernels = draw(st.lists(st.sampled_from([1, 3, 5, 7]), min_size=1, max_size=min(3, num_heads)))
     cuts = sorted(draw(st.lists(st.integers(1, num_heads - 1), min_size=len(kernels) - 1,
                                 max_size=len(kernels) - 1, unique=True))) if len(kernels) > 1 else []
     heads = [b - a for a, b in zip([0] + cuts, cuts + [num_heads])]
     return one_stage_config(
         dim, mlp_ratios=(draw(st.sampled_from([1, 2])),), num_heads=num_heads, group_sizes=group_sizes,
-        crpe_windows=tuple(zip(kernels, heads)),
+        crpe_windows=tuple(zip(kernels, heads)), use_crpe=use_crpe, use_non_attention_branch=use_branch,
         attention=attention or draw(st.sampled_from(gmf.ATTENTION_CORES)),
         padding_mode=padding_mode or draw(st.sampled_from(gmf.PADDING_MODES)), drop_path_rate=0.0)
 
@@ -315,10 +322,10 @@ seeds = st.integers(0, 2**32 - 1)
 
 
 @st.composite
-def gma_cases(draw, block=False, attention=None, padding_mode=None, max_side=5):
+def gma_cases(draw, block=False, attention=None, padding_mode=None, max_side=5, ablations=False):
     """(cfg, (H, W), module, seed): a drawn config and grid, and the GMA layer (or block) built
     from them with weights from the drawn seed; tests fill their inputs from seed, seed + 1, ..."""
-    cfg = draw(gma_configs(attention=attention, padding_mode=padding_mode))
+    cfg = draw(gma_configs(attention=attention, padding_mode=padding_mode, ablations=ablations))
     size = draw(grid_strategy(cfg, max_side))
     seed = draw(seeds)
     return cfg, size, (gma_block if block else gma_layer)(cfg, seed), seed
@@ -535,15 +542,16 @@ def test_non_attention_branch_equals_its_loop(case):
                                rtol=0, atol=ATOL)
 
 
-@given(gma_cases(max_side=4))
+@given(gma_cases(max_side=4, ablations=True))
 def test_gma_layer_equals_its_reference(case):
-    """A whole GMA layer equals the reference assembled from the loops, in both attention modes."""
+    """A whole GMA layer equals the reference assembled from the loops, in both attention modes,
+    with and without each ablation switch."""
     cfg, (H, W), gma, seed = case
     x = random_tensor(seed, 2, H * W, cfg.dims[0])
     torch.testing.assert_close(gma(x, (H, W)), naive_gma(x, (H, W), gma, cfg), rtol=0, atol=ATOL)
 
 
-@given(gma_cases(block=True, max_side=4))
+@given(gma_cases(block=True, max_side=4, ablations=True))
 def test_gma_block_equals_its_reference(case):
     """A GMA block equals x + DWConv(x), + GMA(LN(x)), + MLP(LN(x)) built from the references."""
     cfg, (H, W), block, seed = case
@@ -962,6 +970,68 @@ def test_python_gmf_prints_the_variant_table():
 
 
 # ----------------------------------------------------------------------------------------------
+# Attention maps
+# ----------------------------------------------------------------------------------------------
+
+def core_inputs_and_outputs(model, x):
+    """For every GMA layer, in forward order: its q, k, v and its core's output (eval mode)."""
+    found = []
+
+    def capture(attn, inputs):
+        q, k, v, _ = attn.heads(*inputs)
+        core = gmf.factorized_attention if attn.attention == "factorized" else gmf.softmax_attention
+        found.append((q, k, v, core(q, k, v, attn.scale)))
+
+    hooks = [m.register_forward_pre_hook(capture) for m in model.modules() if isinstance(m, gmf.GroupMixAttention)]
+    with torch.no_grad():
+        model.eval()(x)
+    for hook in hooks:
+        hook.remove()
+    return found
+
+
+@pytest.mark.parametrize("attention", gmf.ATTENTION_CORES)
+def test_attention_maps_applied_to_v_give_each_cores_output(attention):
+    """One (B, h, N, N) map per block; map @ v is the core's output; softmax rows sum to one, and
+    the factorized map, unnormalised, has rank <= d."""
+    model = randomize_(tiny_model(attention=attention, depths=(2, 1)), 0).double()
+    x = random_tensor(1, 2, 3, 16, 12)
+    maps = gmf.attention_maps(model, x)
+    found = core_inputs_and_outputs(model, x)
+    grids = [h * w for (h, w), depth in zip(model.grid_sizes((16, 12)), model.cfg.depths) for _ in range(depth)]
+    assert [tuple(m.shape) for m in maps] == [(2, model.cfg.num_heads, n, n) for n in grids]
+    for attention_map, (q, k, v, out) in zip(maps, found):
+        torch.testing.assert_close(attention_map @ v, out, rtol=0, atol=1e-9)
+        if attention == "softmax":
+            torch.testing.assert_close(attention_map.sum(-1), torch.ones(attention_map.shape[:-1], dtype=torch.float64))
+        else:
+            assert not torch.allclose(attention_map.sum(-1), torch.ones(attention_map.shape[:-1], dtype=torch.float64))
+            assert torch.linalg.matrix_rank(attention_map).max().item() <= q.shape[-1]
+
+
+def test_attention_maps_leave_the_model_as_it_was():
+    """Mode, BatchNorm statistics, hooks and outputs are untouched: the maps are computed in eval
+    mode and the hooks removed, even for a model in train mode."""
+    model = randomize_(tiny_model(), 0).double().train()
+    x = random_tensor(1, 2, 3, 16, 16)
+    before = copy.deepcopy(model.state_dict())
+    gmf.attention_maps(model, x)
+    assert model.training
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        again = model.eval()(x)
+    torch.testing.assert_close(again, randomize_(tiny_model(), 0).double().eval()(x), rtol=0, atol=0)
+
+
+def test_attention_maps_too_large_for_memory_are_refused_before_anything_runs():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="max_bytes"):
+        gmf.attention_maps(model, torch.randn(2, 3, 64, 64), max_bytes=2**20)
+
+
+# ----------------------------------------------------------------------------------------------
 # Variants and create_model
 # ----------------------------------------------------------------------------------------------
 
@@ -999,6 +1069,33 @@ def test_the_two_attention_cores_differ_only_in_the_core():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert not torch.allclose(factorized(x), softmax(x))
+
+
+def test_ablation_switches_are_on_by_default():
+    """The official network has both parts; the fidelity tests below run with these defaults."""
+    cfg = gmf.GroupMixFormerConfig()
+    assert cfg.use_crpe is True and cfg.use_non_attention_branch is True
+
+
+@pytest.mark.parametrize("switch, module", [("use_crpe", "crpe"),
+                                            ("use_non_attention_branch", "non_attention_branch")])
+def test_each_ablation_switch_removes_exactly_its_module(switch, module):
+    """Switched off, a part's weights disappear from every GMA layer and nothing else does."""
+    full = gmf.create_model("groupmixformer_cifar")
+    ablated = gmf.create_model("groupmixformer_cifar", **{switch: False})
+    names = lambda model: {name for name, _ in model.named_parameters()}  # noqa: E731
+    gone = names(full) - names(ablated)
+    assert gone and all(f".attn.{module}." in name for name in gone)
+    assert names(ablated) <= names(full)
+    layers = [m for m in ablated.modules() if isinstance(m, gmf.GroupMixAttention)]
+    assert all(getattr(layer, module) is None for layer in layers)
+    if switch == "use_crpe":  # nothing else changes shape: the count drops by the CRPE weights alone
+        crpe = sum(p.numel() for name, p in full.named_parameters() if ".attn.crpe." in name)
+        assert sum(p.numel() for p in ablated.parameters()) == sum(p.numel() for p in full.parameters()) - crpe
+    else:  # the branch's channels join the attention segments: segments of C/4, heads cover C
+        for layer, stage_width in zip(layers, [80] * 2 + [160] * 3 + [320] * 2):
+            assert layer.segment_width == stage_width // 4
+            assert layer.num_heads * layer.head_dim == stage_width
 
 
 # ==============================================================================================
@@ -1299,6 +1396,9 @@ BAD_CONFIGS = [
     (dict(in_chans=0), "in_chans=0"),
     (dict(drop_path_rate=1.0), "drop_path_rate=1.0"),
     (dict(dims=()), "dims"),
+    (dict(use_crpe="no"), "use_crpe='no'"),
+    (dict(use_non_attention_branch=0), "use_non_attention_branch=0"),
+    (dict(use_non_attention_branch=False, dims=(40, 80, 160, 170)), "170"),  # not 4 segments
 ]
 
 
@@ -1309,13 +1409,17 @@ def test_impossible_configs_raise_value_error_naming_the_value(overrides, named)
         gmf.create_model("groupmixformer_m", **overrides)
 
 
-@given(width=st.integers(1, 400), heads=st.sampled_from([4, 8, 12, 16]))
-@example(width=42, heads=8)  # not 5 segments
-@example(width=45, heads=8)  # segments of 9 do not split into 2 heads each
-def test_stage_widths_must_split_into_segments_and_heads(width, heads):
-    """A width builds exactly when it splits into 5 segments of whole heads; otherwise ValueError."""
-    config = dict(num_heads=heads, crpe_windows=((3, heads // 4), (5, heads // 4), (7, heads - heads // 2)))
-    fits = width % 5 == 0 and (width // 5) % (heads // 4) == 0 and width >= 2
+@given(width=st.integers(1, 400), heads=st.sampled_from([4, 8, 12, 16]), branch=st.booleans())
+@example(width=42, heads=8, branch=True)  # not 5 segments
+@example(width=45, heads=8, branch=True)  # segments of 9 do not split into 2 heads each
+@example(width=44, heads=8, branch=False)  # without the branch: 4 segments of 11, not 2 heads each
+def test_stage_widths_must_split_into_segments_and_heads(width, heads, branch):
+    """A width builds exactly when it splits into 5 segments (4 without the non-attention branch)
+    of whole heads; otherwise ValueError."""
+    config = dict(num_heads=heads, crpe_windows=((3, heads // 4), (5, heads // 4), (7, heads - heads // 2)),
+                  use_non_attention_branch=branch)
+    segments = 5 if branch else 4
+    fits = width % segments == 0 and (width // segments) % (heads // 4) == 0 and width >= 2
     if fits:
         one_stage_config(width, **config)
     else:
