@@ -4,8 +4,9 @@
    (cutmix, an EMA of the weights, flip averaging) train and are checkpointed; a series of seeds
    reports the mean and standard deviation of every seed's final result.
 2. Exact resume: an interrupted run continues to exactly the metrics of an uninterrupted one, in
-   fp32, bf16 and fp16 (loss scale included), and with its data where it was saved.
-3. Errors a user can fix are one line with exit status 2: no data, a damaged checkpoint, a
+   fp32, bf16 and fp16 (loss scale included), with its data where it was saved, and with the
+   config changes (--set) it was started with.
+3. Errors a user can fix are one line with exit status 2: no data, a bad --set, a damaged checkpoint, a
    checkpoint from another device, a device that is not there, a folder that holds a run, a full
    disk (the old file is kept); a NaN loss stops with status 3 and keeps the last good checkpoint.
 4. The parts: device and precision choice, the learning-rate schedule, augmentation, cutmix, the
@@ -201,6 +202,25 @@ def test_reduced_precision_runs_and_resumes_exactly_loss_scale_included(precisio
         assert scalers[0]["scale"] == 2.0 ** 16  # 2 ** 10, doubled after each of the 6 steps
 
 
+def test_config_overrides_build_the_model_are_recorded_and_survive_resume(tmp_path, monkeypatch, capsys):
+    """--set changes the config of the network trained; config.json records it, and a resumed run
+    (given no --set) rebuilds the same network and ends as an uninterrupted one."""
+    overrides = ["--set", "group_sizes=1,1,1,1", "--set", "use_crpe=false", "--set", "use_non_attention_branch=false"]
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    status, printed = train(TINY_RUN + overrides + ["--out", straight], capsys)
+    expected = gmf.create_model("groupmixformer_tiny", group_sizes=(1, 1, 1, 1), use_crpe=False,
+                                use_non_attention_branch=False)
+    assert status == 0 and f"{sum(p.numel() for p in expected.parameters()):,} parameters" in printed.out
+    assert read_json(straight, "config.json")["set"] == {"group_sizes": [1, 1, 1, 1], "use_crpe": False,
+                                                         "use_non_attention_branch": False}
+    interrupt_after_first_checkpoint(monkeypatch)
+    assert train(TINY_RUN + overrides + ["--out", interrupted])[0] == 130
+    assert train(["--resume", interrupted]) == (0, None)
+    weights = torch.load(os.path.join(interrupted, "last.pt"), weights_only=True)["model"]
+    assert weights.keys() == expected.state_dict().keys()
+    assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
+
+
 def test_a_resumed_run_reads_its_data_where_it_was_saved(tmp_path, monkeypatch, capsys):
     """--resume without --data-dir uses the run's own data folder (offline: no download tried)."""
     from PIL import Image
@@ -330,6 +350,29 @@ def test_impossible_options_are_refused_before_anything_runs(flag, value, capsys
     with pytest.raises(SystemExit) as stop:
         train_cifar.parse_args([flag, value])
     assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pair, named, expected", [
+    ("use_crpe=maybe", "use_crpe", "true or false"),
+    ("group_sizes=7", "group_sizes", "numbers separated by commas"),
+    ("num_heads=4.5", "num_heads", "an integer"),
+    ("num_heads=true", "num_heads", "an integer"),
+    ("crpe_windows=3,2", "crpe_windows", "(kernel, heads) pairs"),
+    ("depth=3", "depth", "no such field"),
+    ("num_classes=5", "num_classes", "set by the trainer"),
+    ("use_crpe", "use_crpe", "FIELD=VALUE"),
+])
+def test_a_bad_set_is_one_line_naming_the_field_and_what_it_takes(pair, named, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_cifar.parse_args(["--set", pair])
+    message = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in message and named in message and expected in message
+
+
+def test_a_set_that_breaks_a_config_rule_is_refused_before_any_data_is_read(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_cifar, "load_data", lambda args: pytest.fail("data read"))
+    status, printed = train(TINY_RUN + ["--set", "dims=41,", "--out", str(tmp_path / "r")], capsys)
+    assert status == 2 and one_error_line(printed) and "41" in printed.err
 
 
 # ==============================================================================================

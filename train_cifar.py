@@ -7,6 +7,7 @@
                           --warmup-epochs 0.5               # a first run on a CPU: about 5 minutes
     python train_cifar.py --epochs 100 --cutmix 0.5 --drop-path 0.2 --tta   # longer, more regularised
     python train_cifar.py --synthetic --epochs 1            # the whole pipeline, no files needed
+    python train_cifar.py --set group_sizes=1,1,1,1 --set use_crpe=false   # an ablation of GMA
     python train_cifar.py --resume runs/mine                # continue an interrupted run (or series)
 
 The dataset lives on the device as one uint8 tensor; cropping, flipping (and, if asked, cutmix)
@@ -26,7 +27,9 @@ step, made on a GPU or with --compile, that compiles and picks convolution algor
 final.json's wall_seconds counts everything, loading included.
 """
 import argparse
+import ast
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -73,6 +76,9 @@ def parse_args(argv=None):
     add("--model", default="groupmixformer_cifar", help=f"one of {gmf.list_models()}")
     add("--attention", default="factorized", choices=gmf.ATTENTION_CORES)
     add("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="change a field of gmf.GroupMixFormerConfig (repeatable), e.g. --set group_sizes=1,1,1,1 "
+             "--set use_crpe=false --set crpe_windows=(3,2),(5,3),(7,3)")
     # recipe
     add("--epochs", type=int, default=40, help="passes over the training images")
     add("--batch-size", type=int, default=256, help="images per optimisation step")
@@ -107,7 +113,68 @@ def parse_args(argv=None):
         p.error(f"--lr {args.lr} must be positive")
     if not 0 <= args.cutmix <= 1 or not 0 <= args.ema < 1:
         p.error(f"--cutmix {args.cutmix} must lie in [0, 1] and --ema {args.ema} in [0, 1)")
+    try:
+        args.set = config_overrides(args.set)
+    except ValueError as error:  # one line that names the field and what it takes
+        p.exit(2, f"{p.prog}: error: {error}\n")
     return args
+
+
+SET_BY_FLAGS = {"num_classes": "10, for CIFAR-10", "in_chans": "3, for RGB images",
+                "attention": "--attention", "drop_path_rate": "--drop-path"}
+
+
+def config_overrides(pairs):
+    """--set FIELD=VALUE pairs -> {field: value}, each value parsed and checked against the type
+    of the field's default in gmf.GroupMixFormerConfig (the config then checks the rules)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(gmf.GroupMixFormerConfig)}
+    overrides = {}
+    for pair in pairs:
+        name, equals, text = pair.partition("=")
+        if not equals:
+            raise ValueError(f"--set {pair}: expected FIELD=VALUE, e.g. --set use_crpe=false")
+        if name in SET_BY_FLAGS:
+            raise ValueError(f"--set {name}: this field is set by the trainer ({SET_BY_FLAGS[name]})")
+        if name not in defaults:
+            raise ValueError(f"--set {name}: GroupMixFormerConfig has no such field; it has "
+                             f"{', '.join(sorted(set(defaults) - set(SET_BY_FLAGS)))}")
+        overrides[name] = parse_field(name, text, defaults[name])
+    return overrides
+
+
+def parse_field(name, text, default):
+    """The value of `text` if it has the type of `default`: true/false for a flag, a number, a
+    word, numbers separated by commas (1,3,5,7) or pairs of them ((3,2),(5,3))."""
+    if isinstance(default, bool):
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        expected = "true or false"
+    elif isinstance(default, str):
+        return text
+    else:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if isinstance(default, tuple) and isinstance(default[0], tuple):
+            expected = "(kernel, heads) pairs such as (3,2),(5,3),(7,3)"
+            if isinstance(value, tuple) and value and all(
+                    isinstance(pair, tuple) and len(pair) == 2 and all(map(is_number, pair)) for pair in value):
+                return value
+        elif isinstance(default, tuple):
+            expected = "numbers separated by commas, such as 1,3,5,7 (one number: 7,)"
+            if isinstance(value, tuple) and value and all(map(is_number, value)):
+                return value
+        elif isinstance(default, int):
+            expected = "an integer"
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        else:
+            expected = "a number"
+            if is_number(value):
+                return float(value)
+    raise ValueError(f"--set {name}={text}: {name} takes {expected}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +492,7 @@ class Trainer:
         torch.manual_seed(args.seed)  # the initialisation, drop path and the augmentation
         try:
             self.model = gmf.create_model(args.model, num_classes=10, drop_path_rate=args.drop_path,
-                                          attention=args.attention).to(device)
+                                          attention=args.attention, **args.set).to(device)
         except ValueError as error:  # an unknown model, before any data is read
             raise UserError(str(error))
         self.net = torch.compile(self.model) if args.compile else self.model  # what the steps call
@@ -462,7 +529,8 @@ class Trainer:
 
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "config.json"), vars(args))
-        print(f"model {args.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters | train "
+        changed = "".join(f", {name}={value}" for name, value in args.set.items())
+        print(f"model {args.model}{changed}: {sum(p.numel() for p in self.model.parameters()):,} parameters | train "
               f"{len(self.train_images)}, val {len(self.val_images)}, test {len(self.test_images)} images | "
               f"{args.epochs} epochs of {self.steps_per_epoch} steps | {device_name(device)}, {args.precision}")
         print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} "
@@ -668,7 +736,7 @@ def train_series(args):
 def saved_settings(saved, args, **changes):
     """A resumed run's settings: as saved, except where its data is and which device runs it,
     when given on the command line."""
-    return argparse.Namespace(**{**saved, "data_dir": args.data_dir or saved["data_dir"],
+    return argparse.Namespace(**{"set": {}, **saved, "data_dir": args.data_dir or saved["data_dir"],
                                  "device": args.device or saved["device"], **changes})
 
 
