@@ -99,7 +99,8 @@ class GroupAggregator(nn.Module):
 
     so one logit relates the k*k tokens around p to the k*k tokens around p'. If one kernel a
     served every channel, this would read Qhat Khat^T = A (Q G K^T) A^T, with A the N x N window
-    matrix (A[p, p+o] = a_o) and G = P^T P. BatchNorm's shift and Hardswish bend this identity.
+    matrix (A[p, p+o] = a_o) and G = P^T P. BatchNorm's scale folds into P (G = P^T S^2 P); its
+    shift and Hardswish bend the identity.
     """
 
     def __init__(self, channels, group_size, padding_mode):
@@ -139,8 +140,9 @@ def factorized_attention(q, k, v, scale):
     a d x d "context" matrix: cost O(N d^2), and no N x N map. Read per key channel c, row c of
     the context is a global pooling of v over the image, weighted by softmax_N(k[:, c]); the
     output at a position is a mixture of those d pooled vectors, weighted by the query there.
-    So M has rank <= d, its rows need not sum to one (q is not normalised), and it cannot prefer
-    a query's neighbours: the convolutional relative position encoding (ConvRelPosEnc) adds that.
+    So M has rank <= d and its rows need not sum to one (q is not normalised). Every query mixes
+    the same d pooling patterns, so the map cannot give each of N > d queries a window of its own
+    (a banded map has rank about N): the convolutional relative position encoding adds that.
 
     The official scale is (C // h)^-1/2 with C the whole stage width, not the head width d (which
     is C/10 in the official configs), so it is smaller than the usual d^-1/2. As the scale
@@ -170,10 +172,11 @@ class ConvRelPosEnc(nn.Module):
 
     Where it comes from (CoaT, Sec. 4): relative position attention adds, for query position p,
     sum over positions p' of (q_p . r_(p'-p)) v_p', with a learned embedding r per offset. CoaT
-    keeps only offsets inside a k x k window and gives each channel c its own embedding r[o, c];
-    then channel c of the sum is q_p[c] * sum over o of r[o, c] v_(p+o)[c]: a depthwise k x k
-    convolution of v, multiplied elementwise by q. It gives each position what the factorized core
-    cannot: a query-weighted view of its own neighbourhood.
+    keeps only offsets o inside a k x k window and makes the weight per channel: q_p[c] r[o, c]
+    instead of the dot product q_p . r_o (which sums over channels). Channel c of the output is
+    then q_p[c] * sum over o of r[o, c] v_(p+o)[c]: a depthwise k x k convolution of v, multiplied
+    elementwise by q. It gives every position what the factorized core cannot: a local map around
+    itself, whose shape r sets and whose size the query sets, channel by channel.
 
     The heads are split into groups with their own kernel size (`crpe_windows`): officially 2
     heads with 3x3, 3 with 5x5, 3 with 7x7. This split does not line up with GMA's segments, which
@@ -387,7 +390,8 @@ class GroupMixFormerConfig:
                 fail(f"{name}={getattr(self, name)!r} must be True or False")
         if sum(heads for _, heads in self.crpe_windows) != self.num_heads:
             fail(f"crpe_windows={self.crpe_windows} must assign exactly num_heads={self.num_heads} heads")
-        if any(k < 1 or k % 2 == 0 or heads < 1 for k, heads in self.crpe_windows):
+        if any(not isinstance(k, int) or not isinstance(heads, int) or k < 1 or k % 2 == 0 or heads < 1
+               for k, heads in self.crpe_windows):
             fail(f"crpe_windows={self.crpe_windows} must pair odd positive kernels with head counts >= 1")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             fail(f"num_classes={self.num_classes} must be an integer >= 0")

@@ -210,7 +210,7 @@ def naive_gma(x, size, gma, cfg):
     d = s * len(cfg.group_sizes) // h
     qkv = linear(x, gma.qkv)
     maps = [qkv[..., i * C:(i + 1) * C].transpose(1, 2).reshape(B, C, H, W) for i in range(3)]
-    proxies = []  # per Q, K, V: the concatenated group proxies of segments 0..A-1
+    proxies = []  # per Q, K, V: the tokens and group proxies of the n attention segments
     for m in maps:
         parts = [naive_group_aggregation(m[:, i * s:(i + 1) * s], gma.aggregators[i], k, cfg.padding_mode)
                  for i, k in enumerate(cfg.group_sizes)]
@@ -465,8 +465,8 @@ def test_with_one_kernel_for_all_channels_proxy_logits_are_a_qgkt_at(s, k, H, W,
 
 @given(k=st.sampled_from([1, 3, 5, 7]), seed=seeds)
 def test_batchnorm_and_hardswish_are_what_break_the_window_sum_identity(k, seed):
-    """With BN's shift and Hardswish the proxy logits leave A (Q G K^T) A^T by a sizeable amount;
-    with an identity BN and no activation they obey it exactly."""
+    """BatchNorm's scale S alone keeps the identity, folded into the 1 x 1 mix (G = P^T S^2 P); its
+    shift, or Hardswish, takes the proxy logits a sizeable way from it."""
     s, H, W = 3, 5, 5
     aggregator = randomize_(gmf.GroupAggregator(s, k, "zeros"), seed).double().eval()
     kernel = random_tensor(seed + 3, k, k)
@@ -475,21 +475,26 @@ def test_batchnorm_and_hardswish_are_what_break_the_window_sum_identity(k, seed)
             aggregator.depthwise.weight.copy_(kernel.expand(s, 1, k, k))
     A = window_matrix(kernel, H, W, "zeros") if k > 1 else torch.eye(H * W, dtype=torch.float64)
     P = aggregator.pointwise.weight[:, :, 0, 0] if k > 1 else torch.eye(s, dtype=torch.float64)
+    norm = aggregator.norm
     q, k_map = random_tensor(seed + 1, 1, s, H, W), random_tensor(seed + 2, 1, s, H, W)
-    predicted = A @ (q[0].flatten(1).T @ P.T @ P @ k_map[0].flatten(1)) @ A.T
 
     def relative_gap(module):
+        S = torch.diag(norm.weight / torch.sqrt(norm.running_var + norm.eps))  # BN's scale, per channel
+        predicted = A @ (q[0].flatten(1).T @ P.T @ S @ S @ P @ k_map[0].flatten(1)) @ A.T
         actual = logits(module(q)[0], module(k_map)[0])
         return ((actual - predicted).norm() / predicted.norm()).item()
 
-    assert relative_gap(aggregator) > 0.05
-    with torch.no_grad():  # BN to the identity map (eps included), Hardswish out
-        aggregator.norm.running_mean.zero_()
-        aggregator.norm.running_var.fill_(1 - aggregator.norm.eps)
-        aggregator.norm.weight.fill_(1.0)
-        aggregator.norm.bias.zero_()
+    with torch.no_grad():  # no shift: BN multiplies each channel by its scale, nothing more
+        norm.running_mean.zero_()
+        norm.bias.zero_()
     aggregator.act = torch.nn.Identity()
-    assert relative_gap(aggregator) < 1e-12
+    assert relative_gap(aggregator) < 1e-12  # BN's scale alone: the identity holds
+    aggregator.act = torch.nn.Hardswish()
+    assert relative_gap(aggregator) > 0.05  # Hardswish alone breaks it
+    aggregator.act = torch.nn.Identity()
+    with torch.no_grad():
+        norm.bias.fill_(1.0)  # a shift of one per channel
+    assert relative_gap(aggregator) > 0.05  # BN's shift alone breaks it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,14 +723,13 @@ def test_the_factorized_map_has_rank_at_most_d_and_pools_v_globally(N, d, seed):
     """The implicit map scale * q softmax_N(k)^T is (N x d)(d x N): rank <= d however large N is.
     Row c of the context softmax_N(k)^T v is v pooled over all N positions with the weights
     softmax_N(k[:, c]), the same pooling for every query."""
-    q, k, v = (random_tensor(seed + i, N, d) for i in range(3))
-    factorized_map = 0.5 * q @ k.softmax(dim=0).T
+    q, k, v = (random_tensor(seed + i, 1, 1, N, d) for i in range(3))
+    # The core applied to the N one-hot value vectors returns its own N x N map.
+    factorized_map = gmf.factorized_attention(q, k, torch.eye(N, dtype=torch.float64)[None, None], 0.5)[0, 0]
     assert torch.linalg.matrix_rank(factorized_map).item() <= min(d, N)
-    context = k.softmax(dim=0).T @ v  # (d, d)
-    for c in range(d):
-        weights = softmax(k[:, c], dim=0)
-        pooled = sum(weights[n] * v[n] for n in range(N))
-        torch.testing.assert_close(context[c], pooled, rtol=0, atol=ATOL)
+    pooled = torch.stack([sum(softmax(k[0, 0, :, c], dim=0)[n] * v[0, 0, n] for n in range(N)) for c in range(d)])
+    torch.testing.assert_close(gmf.factorized_attention(q, k, v, 0.5)[0, 0], 0.5 * q[0, 0] @ pooled,
+                               rtol=0, atol=ATOL)  # each output: its query's mix of the d pooled vectors
 
 
 @given(gma_cases(max_side=4))
@@ -998,6 +1002,7 @@ def test_attention_maps_applied_to_v_give_each_cores_output(attention):
     x = random_tensor(1, 2, 3, 16, 12)
     maps = gmf.attention_maps(model, x)
     found = core_inputs_and_outputs(model, x)
+    assert len(found) == len(maps) == sum(model.cfg.depths)
     grids = [h * w for (h, w), depth in zip(model.grid_sizes((16, 12)), model.cfg.depths) for _ in range(depth)]
     assert [tuple(m.shape) for m in maps] == [(2, model.cfg.num_heads, n, n) for n in grids]
     for attention_map, (q, k, v, out) in zip(maps, found):
@@ -1027,6 +1032,7 @@ def test_attention_maps_leave_the_model_as_it_was():
 
 def test_attention_maps_too_large_for_memory_are_refused_before_anything_runs():
     model = tiny_model()
+    model.stem.register_forward_pre_hook(lambda module, inputs: pytest.fail("the model ran"))
     with pytest.raises(ValueError, match="max_bytes"):
         gmf.attention_maps(model, torch.randn(2, 3, 64, 64), max_bytes=2**20)
 

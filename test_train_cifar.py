@@ -354,19 +354,50 @@ def test_impossible_options_are_refused_before_anything_runs(flag, value, capsys
 
 @pytest.mark.parametrize("pair, named, expected", [
     ("use_crpe=maybe", "use_crpe", "true or false"),
-    ("group_sizes=7", "group_sizes", "numbers separated by commas"),
+    ("group_sizes=7", "group_sizes", "integers separated by commas"),
     ("num_heads=4.5", "num_heads", "an integer"),
     ("num_heads=true", "num_heads", "an integer"),
     ("crpe_windows=3,2", "crpe_windows", "(kernel, heads) pairs"),
     ("depth=3", "depth", "no such field"),
     ("num_classes=5", "num_classes", "set by the trainer"),
     ("use_crpe", "use_crpe", "FIELD=VALUE"),
+    ("crpe_windows=(3.0,2),(5,3),(7,3)", "crpe_windows", "pairs of integers"),
+    ("dims={[1]:2}", "dims", "integers separated by commas"),
 ])
 def test_a_bad_set_is_one_line_naming_the_field_and_what_it_takes(pair, named, expected, capsys):
     with pytest.raises(SystemExit) as stop:
         train_cifar.parse_args(["--set", pair])
     message = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and "\n" not in message and named in message and expected in message
+
+
+@pytest.mark.parametrize("pair, expected", [
+    (" use_crpe = FALSE", {"use_crpe": False}),
+    ("group_sizes=1,3,5", {"group_sizes": (1, 3, 5)}),
+    ("group_sizes=7,", {"group_sizes": (7,)}),
+    ("dims=[40, 80]", {"dims": (40, 80)}),
+    ("crpe_windows=(3,2),(5,3),(7,3)", {"crpe_windows": ((3, 2), (5, 3), (7, 3))}),
+    ("mlp_ratios=2.5,4", {"mlp_ratios": (2.5, 4)}),
+    ("num_heads=4", {"num_heads": 4}),
+    ("padding_mode=circular", {"padding_mode": "circular"}),
+])
+def test_set_values_are_read_by_the_type_of_their_field(pair, expected):
+    assert train_cifar.config_overrides([pair]) == expected
+
+
+def test_a_resumed_series_keeps_its_config_changes(tmp_path):
+    out = str(tmp_path / "series")
+    argv = TINY_RUN + ["--epochs", "1", "--seeds", "2", "--set", "group_sizes=1,1,1,1", "--out", out]
+    assert train(argv) == (0, None)
+    resumed = train_cifar.resolve_run(train_cifar.parse_args(["--resume", out]))
+    assert resumed.set == {"group_sizes": (1, 1, 1, 1)}  # tuples again, though series.json holds lists
+
+
+def test_set_cannot_change_a_run_that_exists(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert train(TINY_RUN + ["--epochs", "1", "--out", out]) == (0, None)
+    status, printed = train(["--resume", out, "--set", "use_crpe=false"], capsys)
+    assert status == 2 and one_error_line(printed) and "--set" in printed.err
 
 
 def test_a_set_that_breaks_a_config_rule_is_refused_before_any_data_is_read(tmp_path, monkeypatch, capsys):

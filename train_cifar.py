@@ -78,7 +78,7 @@ def parse_args(argv=None):
     add("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="change a field of gmf.GroupMixFormerConfig (repeatable), e.g. --set group_sizes=1,1,1,1 "
-             "--set use_crpe=false --set crpe_windows=(3,2),(5,3),(7,3)")
+             "--set use_crpe=false --set 'crpe_windows=(3,2),(5,3),(7,3)'")
     # recipe
     add("--epochs", type=int, default=40, help="passes over the training images")
     add("--batch-size", type=int, default=256, help="images per optimisation step")
@@ -130,7 +130,7 @@ def config_overrides(pairs):
     defaults = {f.name: f.default for f in dataclasses.fields(gmf.GroupMixFormerConfig)}
     overrides = {}
     for pair in pairs:
-        name, equals, text = pair.partition("=")
+        name, equals, text = (part.strip() for part in pair.partition("="))
         if not equals:
             raise ValueError(f"--set {pair}: expected FIELD=VALUE, e.g. --set use_crpe=false")
         if name in SET_BY_FLAGS:
@@ -142,39 +142,41 @@ def config_overrides(pairs):
     return overrides
 
 
+def as_tuples(value):
+    """Lists (from JSON, or typed in brackets) as tuples, at every depth."""
+    return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def parse_field(name, text, default):
-    """The value of `text` if it has the type of `default`: true/false for a flag, a number, a
-    word, numbers separated by commas (1,3,5,7) or pairs of them ((3,2),(5,3))."""
+    """The value of `text` if it has the type of `default`: true/false for a flag, an integer, a
+    number, a word, or integers separated by commas (1,3,5,7), or pairs of them ((3,2),(5,3))."""
     if isinstance(default, bool):
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
-        expected = "true or false"
-    elif isinstance(default, str):
+        raise ValueError(f"--set {name}={text}: {name} takes true or false")
+    if isinstance(default, str):
         return text
+    try:
+        value = as_tuples(ast.literal_eval(text))
+    except Exception:  # not a Python literal at all
+        value = None
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    number = lambda v: integer(v) or isinstance(v, float)  # noqa: E731
+    if isinstance(default, tuple) and isinstance(default[0], tuple):
+        expected = "(kernel, heads) pairs of integers such as (3,2),(5,3),(7,3) (one pair: (3,8),)"
+        fits = isinstance(value, tuple) and value and all(
+            isinstance(p, tuple) and len(p) == 2 and all(map(integer, p)) for p in value)
+    elif isinstance(default, tuple):
+        kind = number if name == "mlp_ratios" else integer
+        expected = f"{'numbers' if kind is number else 'integers'} separated by commas, such as 1,3,5,7 (one: 7,)"
+        fits = isinstance(value, tuple) and value and all(map(kind, value))
+    elif isinstance(default, int):
+        expected, fits = "an integer", integer(value)
     else:
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = None
-        is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        if isinstance(default, tuple) and isinstance(default[0], tuple):
-            expected = "(kernel, heads) pairs such as (3,2),(5,3),(7,3)"
-            if isinstance(value, tuple) and value and all(
-                    isinstance(pair, tuple) and len(pair) == 2 and all(map(is_number, pair)) for pair in value):
-                return value
-        elif isinstance(default, tuple):
-            expected = "numbers separated by commas, such as 1,3,5,7 (one number: 7,)"
-            if isinstance(value, tuple) and value and all(map(is_number, value)):
-                return value
-        elif isinstance(default, int):
-            expected = "an integer"
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        else:
-            expected = "a number"
-            if is_number(value):
-                return float(value)
-    raise ValueError(f"--set {name}={text}: {name} takes {expected}")
+        expected, fits = "a number", number(value)
+    if not fits:
+        raise ValueError(f"--set {name}={text}: {name} takes {expected}")
+    return float(value) if isinstance(default, float) else value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -736,12 +738,16 @@ def train_series(args):
 def saved_settings(saved, args, **changes):
     """A resumed run's settings: as saved, except where its data is and which device runs it,
     when given on the command line."""
-    return argparse.Namespace(**{"set": {}, **saved, "data_dir": args.data_dir or saved["data_dir"],
+    saved = {**saved, "set": {name: as_tuples(value) for name, value in saved.get("set", {}).items()}}
+    return argparse.Namespace(**{**saved, "data_dir": args.data_dir or saved["data_dir"],
                                  "device": args.device or saved["device"], **changes})
 
 
 def resolve_run(args):
     """Fill in --out, and for --resume find the checkpoint (a last.pt, or a run or series folder)."""
+    if args.resume and args.set:
+        raise UserError(f"--set cannot change a run that exists: {args.resume} keeps the config it was "
+                        "started with (start a new run with --out to try another)")
     if not args.resume:
         args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         if any(os.path.exists(os.path.join(args.out, name)) for name in ("last.pt", "series.json")):
