@@ -162,9 +162,16 @@ def softmax_attention(q, k, v, scale):
     over the N keys, so every row of the map sums to one: cost O(N^2 d). Here scale is the usual
     d^-1/2 of the real head width.
     """
-    B, h, N, d = q.shape
-    attn = (scale * q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
-    return attn @ v  # (B, h, N, d)
+    return attention_map(q, k, scale, "softmax") @ v  # (B, h, N, d)
+
+
+def attention_map(q, k, scale, attention):
+    """The (B, h, N, N) map that a core applies to v: softmax_keys(scale * q @ k^T) for the softmax
+    core; scale * q @ softmax_N(k)^T for the factorized core, which never builds it (it computes
+    the same product from the right)."""
+    if attention == "softmax":
+        return (scale * q @ k.transpose(-2, -1)).softmax(dim=-1)
+    return scale * q @ k.softmax(dim=-2).transpose(-2, -1)
 
 
 class ConvRelPosEnc(nn.Module):
@@ -372,8 +379,8 @@ class GroupMixFormerConfig:
         if not self.group_sizes or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in self.group_sizes):
             fail(f"group_sizes={self.group_sizes} must be odd positive integers (a window centred on "
                  "its token keeps the grid size)")
-        if self.num_heads < 1 or self.num_heads % len(self.group_sizes):
-            fail(f"num_heads={self.num_heads} must be a positive multiple of the "
+        if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.num_heads % len(self.group_sizes):
+            fail(f"num_heads={self.num_heads} must be a positive integer multiple of the "
                  f"{len(self.group_sizes)} attention segments, so that no head mixes two segments")
         for c in self.dims:
             if not isinstance(c, int) or c < 1 or c % self.num_segments:
@@ -399,8 +406,8 @@ class GroupMixFormerConfig:
             fail(f"in_chans={self.in_chans} must be a positive integer")
         if not 0.0 <= self.drop_path_rate < 1.0:
             fail(f"drop_path_rate={self.drop_path_rate} must lie in [0, 1)")
-        if self.img_size < 1:
-            fail(f"img_size={self.img_size} must be positive")
+        if not isinstance(self.img_size, int) or self.img_size < 1:
+            fail(f"img_size={self.img_size} must be a positive integer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +533,7 @@ class GroupMixFormer(nn.Module):
         return maps
 
     def forward_features(self, x):
-        """The final feature map after the head's BatchNorm: (B, num_features, H_last, W_last)."""
+        """The last stage's map after the final BatchNorm: (B, num_features, H_last, W_last)."""
         return self.final_norm(self.forward_stages(x)[-1])
 
     def forward_head(self, x, pre_logits=False):
@@ -619,11 +626,11 @@ def param_groups(model, weight_decay):
 VARIANTS = {
     # Sec. 3.3 of the paper; configs/groupmixformer_*.yaml of the official code. Parameter counts
     # with 1000 classes: M 5,733,120; T 10,949,152; S 22,421,320; B 45,827,272; L 71,833,648.
-    # The paper lists L at 70.3M parameters and 36.1 GFLOPs; the official L config (its yaml says
-    # "need to adjust") builds 71.8M and 38.25 GMACs by fvcore's count of the official code, 38.07
-    # by count_flops() below. No L checkpoint has been published (the official README's L link
-    # points to M's weights), so nothing tells which of the two configs was trained: we build the
-    # code's, like every other port.
+    # The paper lists L at 70.3M parameters and 36.1G FLOPs (multiply-adds); the official L config
+    # (its yaml says "need to adjust") builds 71.8M and 38.25 GMACs by fvcore's count of the
+    # official code, 38.07 by count_flops() below. No L checkpoint has been published (the official
+    # README's L link points to M's weights), so nothing tells which config was trained: we build
+    # the code's.
     "groupmixformer_m": dict(dims=(40, 80, 160, 160), depths=(3, 3, 12, 4),
                              mlp_ratios=(4, 4, 4, 4), drop_path_rate=0.1),
     "groupmixformer_t": dict(dims=(80, 160, 200, 240), depths=(4, 4, 12, 4),
@@ -757,21 +764,17 @@ def attention_maps(model, x, max_bytes=2**30):
     Raises ValueError when the maps would take more than max_bytes (1 GiB by default).
     """
     B, _, H, W = x.shape
-    grids = model.grid_sizes((H, W))
-    sizes = [B * model.cfg.num_heads * (h * w) ** 2 * x.element_size()
-             for (h, w), depth in zip(grids, model.cfg.depths) for _ in range(depth)]
-    if sum(sizes) > max_bytes:
-        raise ValueError(f"the attention maps of {B} images of {H}x{W} would take {sum(sizes) / 2**20:,.0f} "
+    size = sum(B * model.cfg.num_heads * (h * w) ** 2 * x.element_size() * depth
+               for (h, w), depth in zip(model.grid_sizes((H, W)), model.cfg.depths))
+    if size > max_bytes:
+        raise ValueError(f"the attention maps of {B} images of {H}x{W} would take {size / 2**20:,.0f} "
                          f"MiB, more than max_bytes={max_bytes:,}; use fewer or smaller images, or raise max_bytes")
 
     maps = []
 
     def record(attn, inputs):  # runs before each GMA layer, on what the layer receives
-        q, k, v, _ = attn.heads(*inputs)
-        if attn.attention == "softmax":
-            maps.append((attn.scale * q @ k.transpose(-2, -1)).softmax(dim=-1))
-        else:
-            maps.append(attn.scale * q @ k.softmax(dim=-2).transpose(-2, -1))
+        q, k, v, _ = attn.heads(*inputs)  # steps 1-3 once more: a diagnostic, not the training path
+        maps.append(attention_map(q, k, attn.scale, attn.attention))
 
     layers = [m for m in model.modules() if isinstance(m, GroupMixAttention)]
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]

@@ -148,8 +148,10 @@ def as_tuples(value):
 
 
 def parse_field(name, text, default):
-    """The value of `text` if it has the type of `default`: true/false for a flag, an integer, a
-    number, a word, or integers separated by commas (1,3,5,7), or pairs of them ((3,2),(5,3))."""
+    """`text` read as a value of the same kind as `default`: true/false for a flag, the text itself
+    for a word, else a Python literal (lists read as tuples): a number, numbers separated by
+    commas (1,3,5,7; one: 7,) or pairs of them ((3,2),(5,3)). Whether the value fits the model
+    (an integer width, an odd window) is for the config to say."""
     if isinstance(default, bool):
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
@@ -160,23 +162,19 @@ def parse_field(name, text, default):
         value = as_tuples(ast.literal_eval(text))
     except Exception:  # not a Python literal at all
         value = None
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    number = lambda v: integer(v) or isinstance(v, float)  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     if isinstance(default, tuple) and isinstance(default[0], tuple):
-        expected = "(kernel, heads) pairs of integers such as (3,2),(5,3),(7,3) (one pair: (3,8),)"
+        expected = "(kernel, heads) pairs such as (3,2),(5,3),(7,3) (one pair: (3,8),)"
         fits = isinstance(value, tuple) and value and all(
-            isinstance(p, tuple) and len(p) == 2 and all(map(integer, p)) for p in value)
+            isinstance(pair, tuple) and len(pair) == 2 and all(map(number, pair)) for pair in value)
     elif isinstance(default, tuple):
-        kind = number if name == "mlp_ratios" else integer
-        expected = f"{'numbers' if kind is number else 'integers'} separated by commas, such as 1,3,5,7 (one: 7,)"
-        fits = isinstance(value, tuple) and value and all(map(kind, value))
-    elif isinstance(default, int):
-        expected, fits = "an integer", integer(value)
+        expected = "numbers separated by commas, such as 1,3,5,7 (one: 7,)"
+        fits = isinstance(value, tuple) and value and all(map(number, value))
     else:
         expected, fits = "a number", number(value)
     if not fits:
         raise ValueError(f"--set {name}={text}: {name} takes {expected}")
-    return float(value) if isinstance(default, float) else value
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
