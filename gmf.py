@@ -323,6 +323,10 @@ ATTENTION_CORES = ("factorized", "softmax")
 PADDING_MODES = ("zeros", "circular")
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class GroupMixFormerConfig:
     dims: tuple = (40, 80, 160, 160)  # width C of each stage (Sec. 3.3)
@@ -344,9 +348,15 @@ class GroupMixFormerConfig:
     img_size: int = 224  # natural input side, used only for FLOP tables; any size runs
 
     def __post_init__(self):
-        for name in ("dims", "depths", "mlp_ratios", "group_sizes", "stem_strides", "stage_strides"):
-            setattr(self, name, tuple(getattr(self, name)))
-        self.crpe_windows = tuple(tuple(pair) for pair in self.crpe_windows)
+        # The tuple fields take any sequence (lists from JSON, say) and keep it as a tuple.
+        for name in ("dims", "depths", "mlp_ratios", "group_sizes", "stem_strides", "stage_strides",
+                     "crpe_windows"):
+            value, pairs = getattr(self, name), name == "crpe_windows"
+            item_fits = (lambda v: isinstance(v, (tuple, list)) and len(v) == 2) if pairs else _is_number
+            if not isinstance(value, (tuple, list)) or not all(map(item_fits, value)):
+                raise ValueError(f"GroupMixFormerConfig: {name}={value!r} must be a sequence of "
+                                 f"{'(kernel, heads) pairs' if pairs else 'numbers'}")
+            setattr(self, name, tuple(tuple(v) for v in value) if pairs else tuple(value))
         self.validate()
 
     @property
@@ -665,15 +675,20 @@ def list_models():
     return list(VARIANTS)
 
 
-def create_model(name, **overrides):
-    """Build a named variant; overrides replace config fields (num_classes, attention, ...)."""
+def model_config(name, **overrides):
+    """The config of a named variant; overrides replace its fields (num_classes, attention, ...)."""
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
     known = {f.name for f in fields(GroupMixFormerConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}; GroupMixFormerConfig has {sorted(known)}")
-    return GroupMixFormer(GroupMixFormerConfig(**{**VARIANTS[name], **overrides}))
+    return GroupMixFormerConfig(**{**VARIANTS[name], **overrides})
+
+
+def create_model(name, **overrides):
+    """Build a named variant; overrides replace config fields (num_classes, attention, ...)."""
+    return GroupMixFormer(model_config(name, **overrides))
 
 
 # The official module names, mapped onto ours: (official pattern, our name), applied in order.

@@ -1406,6 +1406,10 @@ BAD_CONFIGS = [
     (dict(use_crpe="no"), "use_crpe='no'"),
     (dict(use_non_attention_branch=0), "use_non_attention_branch=0"),
     (dict(use_non_attention_branch=False, dims=(40, 80, 160, 170)), "170"),  # not 4 segments
+    (dict(group_sizes=7), "group_sizes=7"),  # a number where a sequence belongs
+    (dict(crpe_windows=(3, 8)), "crpe_windows=(3, 8)"),  # one pair, not a sequence of pairs
+    (dict(mlp_ratios=("4", 4, 4, 4)), "mlp_ratios"),  # a word among the numbers
+    (dict(dims=(True, 80, 160, 160)), "dims"),  # a flag is not a width
 ]
 
 
@@ -1457,11 +1461,15 @@ def test_even_or_non_positive_group_sizes_raise_value_error(group_sizes):
 
 
 def test_unknown_model_or_override_is_named():
-    """create_model names an unknown variant or config field."""
-    with pytest.raises(ValueError, match="groupmixformer_xl"):
-        gmf.create_model("groupmixformer_xl")
-    with pytest.raises(ValueError, match="num_class"):
-        gmf.create_model("groupmixformer_m", num_class=10)
+    """create_model (and model_config, which checks a config without building it) names an
+    unknown variant or config field; model_config gives the config create_model builds."""
+    for make in (gmf.create_model, gmf.model_config):
+        with pytest.raises(ValueError, match="groupmixformer_xl"):
+            make("groupmixformer_xl")
+        with pytest.raises(ValueError, match="num_class"):
+            make("groupmixformer_m", num_class=10)
+    config = gmf.model_config("groupmixformer_cifar", group_sizes=[1, 1, 1, 1])  # a list, kept as a tuple
+    assert config == gmf.create_model("groupmixformer_cifar", group_sizes=(1, 1, 1, 1)).cfg
 
 
 @given(rank=st.integers(0, 6).filter(lambda r: r != 4), channels=st.integers(1, 5).filter(lambda c: c != 3),
