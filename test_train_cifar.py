@@ -130,24 +130,29 @@ def test_a_run_with_cutmix_trains_and_draws_its_curves_if_it_can(tmp_path, monke
         assert os.path.getsize(os.path.join(out, "curves.png")) > 0
 
 
-def test_a_series_reports_mean_and_std_of_every_seeds_final_result(tmp_path, capsys):
+def test_a_series_reports_mean_and_std_of_every_seeds_final_result(tmp_path, monkeypatch, capsys):
     """--seeds 2 runs seeds 0 and 1 into their own folders; the summary is their mean and sample
-    std, with nothing selected; an interrupted series continues where it stopped."""
-    out = str(tmp_path / "series")
-    one_epoch = TINY_RUN + ["--epochs", "1", "--out", out, "--seeds", "2"]
-    assert train(one_epoch) == (0, None)
-    summary = read_json(out, "summary.json")
-    finals = [read_json(out, f"seed{seed}", "final.json") for seed in (0, 1)]
+    std, with nothing selected. An interrupted series continues where it stopped and ends with the
+    same summary; each seed's folder is a run that can be continued on its own."""
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    assert train(TINY_RUN + ["--seeds", "2", "--out", straight]) == (0, None)
+    summary = read_json(straight, "summary.json")
+    finals = [read_json(straight, f"seed{seed}", "final.json") for seed in (0, 1)]
     assert summary["seeds"] == [0, 1] and [f["seed"] for f in finals] == [0, 1]
     accuracies = [f["test_acc"] for f in finals]
     assert summary["test_acc"]["values"] == accuracies
     assert summary["test_acc"]["mean"] == pytest.approx(sum(accuracies) / 2)
     assert summary["test_acc"]["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / math.sqrt(2))
 
-    os.remove(os.path.join(out, "seed1", "final.json"))  # as if stopped while testing seed 1
-    status, printed = train(["--resume", out], capsys)
-    assert status == 0 and "finished run" in printed.out
-    assert read_json(out, "summary.json")["test_acc"] == summary["test_acc"]
+    interrupt_after_first_checkpoint(monkeypatch)  # in seed 0, after its first epoch
+    assert train(TINY_RUN + ["--seeds", "2", "--out", interrupted])[0] == 130
+    assert train(["--resume", interrupted]) == (0, None)
+    assert read_json(interrupted, "summary.json")["test_acc"] == summary["test_acc"]
+
+    seed1 = os.path.join(interrupted, "seed1")
+    os.remove(os.path.join(seed1, "final.json"))  # as if stopped while testing seed 1
+    status, printed = train(["--resume", seed1], capsys)
+    assert status == 0 and read_json(seed1, "final.json")["test_acc"] == accuracies[1]
 
 
 # ==============================================================================================
@@ -323,7 +328,7 @@ def test_bad_checkpoints_and_folders_are_named_in_one_line(tmp_path, monkeypatch
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({**config, "device": "cuda"}, f)  # its random streams would be a GPU's
     status, printed = train(["--resume", out, "--device", "cpu"], capsys)
-    assert status == 2 and "--device cuda" in one_error_line(printed)
+    assert status == 2 and "was run on cuda" in one_error_line(printed) and "--device cuda" in printed.err
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f)
     with open(os.path.join(out, "last.pt"), "r+b") as f:
@@ -333,22 +338,41 @@ def test_bad_checkpoints_and_folders_are_named_in_one_line(tmp_path, monkeypatch
 
 
 def test_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
-    """If a write fails, the error is one line and the old file is left intact, with no debris."""
-    path = str(tmp_path / "last.pt")
-    train_cifar.save(path, {"epoch": 1})
+    """If a write fails, the error is one line and the old file is left intact, with no debris:
+    for a checkpoint (torch.save reports a full disk as a RuntimeError) and for text."""
+    checkpoint, text = str(tmp_path / "last.pt"), str(tmp_path / "metrics.jsonl")
+    train_cifar.save(checkpoint, {"epoch": 1})
+    train_cifar.save(text, "epoch 1\n")
 
-    def disk_full(obj, f):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def torch_save_on_a_full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nframes...")
 
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(train_cifar.UserError, match="No space left"):
-        train_cifar.save(path, {"epoch": 2})
+    class FullDisk:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
+    with pytest.raises(train_cifar.UserError, match="cannot write .*last.pt: .*unexpected pos 64 vs 0$"):
+        train_cifar.save(checkpoint, {"epoch": 2})
+    monkeypatch.setattr(train_cifar, "open", FullDisk, raising=False)  # the module's open() only
+    with pytest.raises(train_cifar.UserError, match="cannot write .*metrics.jsonl: .*No space left"):
+        train_cifar.save(text, "epoch 2\n")
     monkeypatch.undo()
-    assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["last.pt"]
+    assert torch.load(checkpoint, weights_only=True) == {"epoch": 1}
+    assert open(text).read() == "epoch 1\n" and sorted(os.listdir(tmp_path)) == ["last.pt", "metrics.jsonl"]
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),
-                                         ("--val-size", "-5"), ("--cutmix", "2"), ("--seeds", "0")])
+                                         ("--val-size", "0"), ("--cutmix", "2"), ("--seeds", "0")])
 def test_impossible_options_are_refused_before_anything_runs(flag, value, capsys):
     """Options that cannot describe a run stop the script with status 2, naming the option."""
     with pytest.raises(SystemExit) as stop:
@@ -383,7 +407,7 @@ def test_a_bad_set_is_one_line_naming_the_field_and_what_it_takes(pair, named, e
     (" use_crpe = FALSE", {"use_crpe": False}),
     ("group_sizes=1,3,5", {"group_sizes": (1, 3, 5)}),
     ("group_sizes=7,", {"group_sizes": (7,)}),
-    ("dims=[40, 80]", {"dims": (40, 80)}),
+    ("dims=[40, 80]", {"dims": [40, 80]}),  # the config keeps it as a tuple
     ("crpe_windows=(3,2),(5,3),(7,3)", {"crpe_windows": ((3, 2), (5, 3), (7, 3))}),
     ("mlp_ratios=2.5,4", {"mlp_ratios": (2.5, 4)}),
     ("num_heads=4", {"num_heads": 4}),
@@ -397,15 +421,36 @@ def test_a_resumed_series_keeps_its_config_changes(tmp_path):
     out = str(tmp_path / "series")
     argv = TINY_RUN + ["--epochs", "1", "--seeds", "2", "--set", "group_sizes=1,1,1,1", "--out", out]
     assert train(argv) == (0, None)
-    resumed = train_cifar.settle(train_cifar.parse_args(["--resume", out]))
+    resumed = train_cifar.resolve_settings(train_cifar.parse_args(["--resume", out]))
     assert resumed.set == {"group_sizes": (1, 1, 1, 1)}  # tuples again, though config.json holds lists
 
 
-def test_set_cannot_change_a_run_that_exists(tmp_path, capsys):
+def test_a_resumed_run_keeps_its_settings_and_refuses_others(tmp_path, capsys):
+    """--resume takes only where the data is and the (same) device; --set, --epochs or any other
+    setting would make the run another one, and are refused; so is a run made by a version of
+    this script with other settings."""
     out = str(tmp_path / "r")
     assert train(TINY_RUN + ["--epochs", "1", "--out", out]) == (0, None)
-    status, printed = train(["--resume", out, "--set", "use_crpe=false"], capsys)
-    assert status == 2 and one_error_line(printed) and "--set" in printed.err
+    for change in (["--set", "use_crpe=false"], ["--epochs", "80"]):
+        status, printed = train(["--resume", out] + change, capsys)
+        assert status == 2 and change[0] in one_error_line(printed)
+    status, printed = train(["--resume", out, "--device", "auto"], capsys)  # auto is the CPU here
+    assert status == 0 and "finished run" in printed.out
+    config = read_json(out, "config.json")
+    for older in ({k: v for k, v in config.items() if k != "set"}, {**config, "ema": 0.999}):
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(older, f)
+        status, printed = train(["--resume", out], capsys)
+        assert status == 2 and "another version" in one_error_line(printed)
+
+
+def test_an_interruption_before_the_run_has_begun_does_not_point_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted_while_loading(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cifar, "load_data", interrupted_while_loading)
+    status, printed = train(TINY_RUN + ["--out", str(tmp_path / "r")], capsys)
+    assert status == 130 and "interrupted" in printed.err and "--resume" not in printed.err
 
 
 # ==============================================================================================
@@ -442,6 +487,41 @@ def test_auto_precision_is_bf16_from_ampere_fp16_before_and_fp32_off_cuda(device
     assert train_cifar.make_scaler(torch.device(device), precision).is_enabled() == (precision == "fp16")
 
 
+def test_a_gpus_random_stream_is_saved_and_restored_with_the_cpus(monkeypatch):
+    """On CUDA or MPS the checkpoint holds the GPU's own stream beside the CPU's (here a stand-in
+    module plays the GPU)."""
+    class StandIn:
+        stream = torch.tensor([7], dtype=torch.uint8)
+
+        def get_rng_state(self):
+            return self.stream.clone()
+
+        def set_rng_state(self, state):
+            self.stream = state.clone()
+
+    gpu = StandIn()
+    monkeypatch.setitem(train_cifar.GPU_RANDOM, "cuda", gpu)
+    state = train_cifar.rng_state(torch.device("cuda"))
+    cpu_draw = torch.rand(3)
+    gpu.stream = torch.tensor([8], dtype=torch.uint8)
+    train_cifar.set_rng_state(state, torch.device("cuda"))
+    assert torch.equal(torch.rand(3), cpu_draw) and gpu.stream.item() == 7
+    assert train_cifar.rng_state(torch.device("cpu"))["gpu"] is None
+
+
+def test_training_metrics_count_the_images_seen_even_when_fewer_than_a_batch(tmp_path, monkeypatch):
+    """With 20 training images and batches of 32, an epoch is one step of 20 images; a loss of
+    exactly 1 per image averages to exactly 1."""
+    def one_per_image(logits, targets, smoothing):
+        return logits.sum() * 0 + 1.0
+
+    monkeypatch.setattr(train_cifar, "loss_function", one_per_image)
+    out = str(tmp_path / "r")
+    assert train(TINY_RUN + ["--subset", "20", "--epochs", "1", "--out", out]) == (0, None)
+    (row,) = metrics(out)
+    assert row["step"] == 1 and row["train_loss"] == 1.0 and 0 <= row["train_acc"] <= 100
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     """The schedule rises linearly over the warm-up and follows a cosine down to zero."""
     factors = [train_cifar.lr_factor(step, 10, 110) for step in range(110)]
@@ -466,10 +546,10 @@ def test_augmentation_crops_are_shifted_windows_of_the_padded_image(seed):
 def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_targets_by_its_area(seed):
     """Each image gets a box (the same for all) from an image of the batch, maybe itself, and the
     donor's class gets the box's share of the target."""
-    torch.manual_seed(seed)  # the box is drawn on the CPU, from its global stream
+    torch.manual_seed(seed)  # the box and the shuffle come from the global stream
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(5, 3, 8, 8, generator=generator)
-    mixed, targets = train_cifar.cutmix(images, torch.eye(5), generator)  # sample i is class i
+    mixed, targets = train_cifar.cutmix(images, torch.eye(5))  # sample i is class i
     torch.testing.assert_close(targets.sum(1), torch.ones(5))
     pasted = (mixed != images).any(1)  # (5, 8, 8): pixels that now come from another image
     boxes = set()
@@ -518,7 +598,7 @@ def test_a_short_runs_warm_up_is_at_most_a_quarter_of_it(tmp_path):
     """A 2-epoch warm-up in a run of 2 epochs of 3 steps would never reach the peak rate: it is
     cut to a quarter of the run (1 step), and long runs keep theirs."""
     for epochs, warmup_steps in (("2", 1), ("20", 6)):
-        args = train_cifar.settle(train_cifar.parse_args(
+        args = train_cifar.resolve_settings(train_cifar.parse_args(
             TINY_RUN + ["--epochs", epochs, "--warmup-epochs", "2", "--out", str(tmp_path / epochs)]))
         schedule = train_cifar.Trainer(args).scheduler.lr_lambdas[0]
         assert schedule(warmup_steps - 1) == 1.0 and schedule(warmup_steps - 2) < 1.0

@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--data-dir", help="cifar-10-batches-py/ or train/ + test/ image folders (default ./data)")
+    add("--data-dir", help="cifar-10-batches-py/ or train/ + test/ image folders (default ./data, "
+        "or on --resume the run's own)")
     add("--synthetic", action="store_true", help="generated images: tests the pipeline, needs no files")
     add("--subset", type=int, default=0, help="train on N images after a seeded shuffle (0: all)")
     add("--val-size", type=int, default=5000, help="training images held out for validation")
@@ -86,12 +87,14 @@ def parse_args(argv=None):
     add("--out", help="output folder (default runs/<date-time>)")
     add("--resume", metavar="OUT", help="continue the run or series in this folder")
     args = p.parse_args(argv)
-    for name, lowest in (("epochs", 1), ("batch_size", 1), ("seeds", 1), ("subset", 0), ("val_size", 0),
+    for name, lowest in (("epochs", 1), ("batch_size", 1), ("seeds", 1), ("val_size", 1), ("subset", 0),
                          ("warmup_epochs", 0), ("weight_decay", 0), ("label_smoothing", 0), ("grad_clip", 0)):
         if getattr(args, name) < lowest:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least {lowest}")
-    if not args.lr > 0 or not 0 <= args.cutmix <= 1:
-        p.error(f"--lr {args.lr} must be positive and --cutmix {args.cutmix} in [0, 1]")
+    if not args.lr > 0:
+        p.error(f"--lr {args.lr} must be positive")
+    if not 0 <= args.cutmix <= 1:
+        p.error(f"--cutmix {args.cutmix} must lie in [0, 1]")
     return args
 
 
@@ -100,9 +103,9 @@ SET_BY_FLAGS = {"num_classes": "10, for CIFAR-10", "in_chans": "3, for RGB image
 
 
 def config_overrides(pairs):
-    """--set FIELD=VALUE pairs -> {field: value}. A flag takes true or false and a word is taken as
-    typed; any other value is read as a Python literal, lists as tuples: 4, or 1,3,5,7, or
-    (3,2),(5,3),(7,3) (one item alone takes a trailing comma: 7,). The config checks the rest."""
+    """--set FIELD=VALUE pairs -> {field: value}. A bool field takes true or false, a str field
+    the text as typed; any other is read as a Python literal: 4, or 1,3,5,7, or (3,2),(5,3),(7,3)
+    (one item alone takes a trailing comma: 7,). gmf.model_config then checks the config's rules."""
     defaults = {f.name: f.default for f in dataclasses.fields(gmf.GroupMixFormerConfig)}
     overrides = {}
     for pair in pairs:
@@ -122,16 +125,11 @@ def config_overrides(pairs):
             overrides[name] = text.lower() == "true"
         else:
             try:
-                overrides[name] = as_tuples(ast.literal_eval(text))
+                overrides[name] = ast.literal_eval(text)
             except Exception:  # not a Python literal at all
                 raise UserError(f"--set {name}={text}: {name} takes a number, numbers separated by commas "
                                 "(1,3,5,7) or pairs ((3,2),(5,3))") from None
     return overrides
-
-
-def as_tuples(value):
-    """Lists (from JSON, or typed in brackets) as tuples, at every depth."""
-    return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,8 +151,10 @@ def load_data(args):
         raise UserError(f"no CIFAR-10 in {root!r} ({type(error).__name__}: {error}). Give --data-dir a "
                         "folder holding cifar-10-batches-py/ or train/<class>/ and test/<class>/ image "
                         "folders, or run --synthetic to try the pipeline without data")
-    (train, test) = ((torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets)) for s in splits)
-    return (*train, *test)  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    arrays = []
+    for split in splits:  # images (N, 32, 32, 3) -> (N, 3, 32, 32), labels (N,)
+        arrays += [torch.from_numpy(split.data).permute(0, 3, 1, 2), torch.tensor(split.targets)]
+    return tuple(arrays)
 
 
 def load_image_folder(folder):
@@ -240,13 +240,13 @@ def random_crop_flip(images, generator=None, pad=4):
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)
 
 
-def cutmix(images, targets, generator=None):
+def cutmix(images, targets):
     """Paste one random box from a shuffled copy of the batch; mix the one-hot targets by area."""
     B, C, H, W = images.shape
     lam, ry, rx = torch.rand(3).tolist()  # on the CPU: the host needs the box's corners to slice
     h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
     y, x = int(ry * (H - h + 1)), int(rx * (W - w + 1))
-    perm = torch.randperm(B, device=images.device, generator=generator)
+    perm = torch.randperm(B, device=images.device)
     images = images.clone()
     images[:, :, y:y + h, x:x + w] = images[perm, :, y:y + h, x:x + w]
     area = h * w / (H * W)
@@ -296,8 +296,8 @@ def rng_state(device):
 
 def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
-    if device.type in GPU_RANDOM:
-        GPU_RANDOM[device.type].set_rng_state(state["gpu"])
+    if device.type in GPU_RANDOM:  # (checkpoints of older versions keep it under the device's name)
+        GPU_RANDOM[device.type].set_rng_state(state.get("gpu", state.get(device.type)))
 
 
 def save(path, content):
@@ -311,10 +311,13 @@ def save(path, content):
         else:
             torch.save(content, tmp)
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"cannot write {path}: {error}")
+        raise UserError(f"cannot write {path}: {str(error).splitlines()[0]}")
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "history", "wall_seconds"}
 
 
 def load_checkpoint(path):
@@ -323,7 +326,7 @@ def load_checkpoint(path):
     except Exception as error:  # truncated, not a torch file, or unsafe content
         raise UserError(f"cannot read {path}: it is damaged or not a checkpoint ({type(error).__name__}); "
                         "delete it to start the run again")
-    if not isinstance(checkpoint, dict) or not {"model", "optimizer", "rng", "history"} <= checkpoint.keys():
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint of this train_cifar.py: start a new run")
     return checkpoint
 
@@ -441,7 +444,7 @@ class Trainer:
               f"{args.precision}")
         if total_steps < SHORT_RUN_STEPS:
             print(f"note: {total_steps} steps in all test the pipeline but are too few for the accuracy to "
-                  f"mean much; a first run that learns on a CPU: {CPU_FIRST_RUN}")
+                  "mean much")
         print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} "
               f"{'lr':>9} {'seconds':>8} {'img/s':>8}")
         for row in self.history:
@@ -485,16 +488,17 @@ class Trainer:
             self.step += 1
             loss_sum += loss.detach() * len(index)  # summed on the device: no waiting at every step
             correct += (logits.argmax(1) == y).sum()
-        seen = self.steps_per_epoch * args.batch_size
+        seen = min(len(self.train_images), self.steps_per_epoch * args.batch_size)
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
             last = os.path.join(args.out, "last.pt")
             kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
-            raise UserError(f"the training loss became {train_loss} in epoch {self.epoch}; stopped ({kept}): "
-                            "try a lower --lr")
+            raise UserError(f"the training loss became {train_loss} in epoch {self.epoch}; stopped ({kept}). "
+                            "Start a new run with a lower --lr")
         seconds = time.perf_counter() - started
-        return dict(epoch=self.epoch, step=self.step, train_loss=train_loss, train_acc=100.0 * correct.item() / seen,
-                    lr=self.scheduler.get_last_lr()[0], epoch_seconds=seconds, images_per_second=seen / seconds)
+        return dict(epoch=self.epoch, step=self.step, train_loss=train_loss,
+                    train_acc=100.0 * correct.item() / seen, lr=self.scheduler.get_last_lr()[0],
+                    epoch_seconds=seconds, images_per_second=seen / seconds)
 
     def end_of_epoch(self, row):
         """Validate, print, then write metrics.jsonl, best.pt and, last, last.pt: whatever an
@@ -569,35 +573,30 @@ def plot_curves(out, history):
 # Runs and series
 # ----------------------------------------------------------------------------------------------
 
-def settle(args):
-    """The settings a run goes by. A new one gets its --out, device and precision; --resume takes
-    those the run (or series) was started with, except where its data now is."""
+def resolve_settings(args):
+    """The settings a run goes by. A new run's are checked, and get an --out folder; --resume
+    takes those the run (or series) was started with, except where its data now is. Both then
+    get a device and a precision. args.set arrives as a list of FIELD=VALUE and leaves as a dict."""
     if args.resume:
-        if args.set:
-            raise UserError(f"--set cannot change a run that exists: {args.resume} keeps the config it was "
-                            "started with (start a new run with --out to try another)")
-        path = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(path):
-            raise UserError(f"no run in {args.resume} (no config.json): --resume takes a run's --out folder")
-        with open(path) as f:
-            saved = json.load(f)
-        if args.device not in (None, saved["device"]):  # the random streams are that device's
-            raise UserError(f"{args.resume} was run on {saved['device']} and continues only there "
-                            f"(--device {saved['device']})")
-        saved["set"] = {name: as_tuples(value) for name, value in saved["set"].items()}
-        args = argparse.Namespace(**{**saved, "data_dir": args.data_dir or saved["data_dir"],
-                                     "out": args.resume, "resume": args.resume})
+        defaults = vars(parse_args([]))
+        changed = [k for k, v in vars(args).items()
+                   if k not in ("resume", "data_dir", "device") and v != defaults[k]]
+        if changed:
+            raise UserError(f"--resume continues {args.resume} with the settings it was started with; "
+                            f"--{changed[0].replace('_', '-')} cannot change them (start a new run with --out)")
+        args = read_settings(args.resume, data_dir=args.data_dir, device=args.device)
     else:
         args.set = config_overrides(args.set)
-        try:  # an unknown model, or a config GMA cannot be built from, named before any data is read
-            gmf.model_config(args.model, num_classes=10, attention=args.attention,
-                             drop_path_rate=args.drop_path, **args.set)
-        except ValueError as error:
-            raise UserError(str(error))
         args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        if os.path.exists(os.path.join(args.out, "config.json")):
-            raise UserError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
+        if os.path.isdir(args.out) and os.listdir(args.out):
+            raise UserError(f"{args.out} is not empty: continue the run in it with --resume {args.out}, "
                             "or choose another --out")
+    try:  # an unknown model, or a config GMA cannot be built from, named before any data is read
+        config = gmf.model_config(args.model, num_classes=10, attention=args.attention,
+                                  drop_path_rate=args.drop_path, **args.set)
+    except ValueError as error:
+        raise UserError(str(error))
+    args.set = {name: getattr(config, name) for name in args.set}  # lists (as typed, or from JSON) as tuples
     if not args.synthetic and args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise UserError(f"the data folder {args.data_dir} does not exist (a typing error?); without "
                         "--data-dir, CIFAR-10 is downloaded into ./data")
@@ -608,6 +607,27 @@ def settle(args):
         print(f"warning: training on the CPU, which is slow. A first run that learns in minutes: "
               f"{CPU_FIRST_RUN}", file=sys.stderr)
     return args
+
+
+def read_settings(out, data_dir, device):
+    """The settings in OUT/config.json, with the data folder and device given on the command line
+    (the device must be the run's own: its random streams are that device's)."""
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"no run in {out} (no readable config.json): --resume takes a run's --out folder")
+    current = vars(parse_args([]))
+    missing = sorted(set(current) - set(saved))
+    dropped = sorted(k for k in set(saved) - set(current) if saved[k])  # options this version lacks, used
+    if missing or dropped:
+        raise UserError(f"{out} was made by another version of train_cifar.py ({', '.join(missing + dropped)}) "
+                        "and cannot be continued exactly: start a new run")
+    if device is not None and pick_device(device).type != saved["device"]:
+        raise UserError(f"{out} was run on {saved['device']} and continues only there "
+                        f"(--device {saved['device']})")
+    return argparse.Namespace(**{**saved, "data_dir": data_dir or saved["data_dir"], "out": out, "resume": out})
 
 
 def train(args):
@@ -647,13 +667,14 @@ def train_series(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        args = settle(args)
+        args = resolve_settings(args)
         train_series(args) if args.seeds > 1 else train(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: continue with --resume {args.out}", file=sys.stderr)
+        started = args.out and os.path.exists(os.path.join(args.out, "config.json"))
+        print("\ninterrupted" + (f": continue with --resume {args.out}" if started else ""), file=sys.stderr)
         return 130
     return 0
 
