@@ -5,9 +5,11 @@
 2. Exact resume: an interrupted run continues to exactly the metrics of an uninterrupted one, in
    fp32, bf16 and fp16 (loss scale included), with its data where it was saved, and with the
    config changes (--set) it was started with.
-3. Errors a user can fix are one line with exit status 2: no data, a bad --set, a damaged
-   checkpoint, a run from another device, a device that is not there, a folder that holds a run,
-   a full disk (the old file is kept), a NaN loss (the last good checkpoint is kept).
+3. Errors a user can fix are one line with exit status 2: no data, image folders that are not
+   CIFAR-10's, a bad --set, a damaged checkpoint or one of another network, a run from another
+   device, a device that is not there, a folder that holds a run, an output folder that cannot be
+   made, a full disk (the old file is kept), a NaN loss (the last good checkpoint is kept), running
+   out of GPU memory.
 4. The parts: device and precision choice, the learning-rate schedule, augmentation, cutmix,
    BatchNorm's recalibration, the untimed warm-up, the data layouts, and (slow) a compiled run
    that matches the plain one.
@@ -40,7 +42,7 @@ def tiny_variant(monkeypatch):
     monkeypatch.setitem(gmf.VARIANTS, "groupmixformer_tiny", TINY)
     # 200 test images instead of 500: the test set is evaluated once per run
     synthetic = train_cifar.synthetic_cifar
-    monkeypatch.setattr(train_cifar, "synthetic_cifar", lambda seed: synthetic(seed, train=1000, test=200))
+    monkeypatch.setattr(train_cifar, "synthetic_cifar", lambda seed: synthetic(seed, n_train=1000, n_test=200))
 
 
 def train(argv, capsys=None):
@@ -337,6 +339,37 @@ def test_bad_checkpoints_and_folders_are_named_in_one_line(tmp_path, monkeypatch
     assert status == 2 and os.path.join(out, "last.pt") in one_error_line(printed) and "damaged" in printed.err
 
 
+def test_a_foreign_checkpoint_a_file_as_out_and_running_out_of_memory_are_one_line_errors(
+        tmp_path, monkeypatch, capsys):
+    """A last.pt copied from a run of another network, an --out that is a file, a missing GPU on
+    resume, and running out of GPU memory: status 2, one line that says what to do."""
+    ours, other = str(tmp_path / "ours"), str(tmp_path / "other")
+    interrupt_after_first_checkpoint(monkeypatch)
+    assert train(TINY_RUN + ["--out", ours])[0] == 130
+    assert train(TINY_RUN + ["--epochs", "1", "--set", "group_sizes=1,1,1,1", "--out", other]) == (0, None)
+    os.replace(os.path.join(other, "last.pt"), os.path.join(ours, "last.pt"))
+    status, printed = train(["--resume", ours], capsys)
+    assert status == 2 and "copied from another run" in one_error_line(printed)
+
+    (tmp_path / "a_file").write_text("")
+    status, printed = train(TINY_RUN + ["--out", str(tmp_path / "a_file" / "run")], capsys)
+    assert status == 2 and "cannot make the output folder" in one_error_line(printed)
+
+    config = read_json(ours, "config.json")
+    with open(os.path.join(ours, "config.json"), "w") as f:
+        json.dump({**config, "device": "cuda"}, f)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, printed = train(["--resume", ours], capsys)  # no --device: the run's own, which is not here
+    assert status == 2 and "was run on cuda" in one_error_line(printed)
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_cifar.Trainer, "train_one_epoch", out_of_memory)
+    status, printed = train(TINY_RUN + ["--out", str(tmp_path / "big")], capsys)
+    assert status == 2 and "--batch-size 32" in one_error_line(printed)
+
+
 def test_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     """If a write fails, the error is one line and the old file is left intact, with no debris:
     for a checkpoint (torch.save reports a full disk as a RuntimeError) and for text."""
@@ -615,19 +648,27 @@ def test_the_untimed_warm_up_leaves_weights_statistics_and_rng_as_they_were():
     assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
 
 
-def test_an_image_folder_tree_loads_with_sorted_class_names_as_labels(tmp_path):
-    """--data-dir reads train/<class>/ and test/<class>/ images; labels follow sorted class names."""
+def test_an_image_folder_tree_loads_with_sorted_class_names_as_labels(tmp_path, capsys):
+    """--data-dir reads train/<class>/ and test/<class>/ images; labels follow sorted class names.
+    Ten classes, the same in both: anything else is refused in one line, naming the folders."""
     from PIL import Image
 
+    names = ["truck", "airplane", "cat", "bird", "deer", "dog", "frog", "horse", "ship", "automobile"]
     for split in ("train", "test"):
-        for label, name in enumerate(["cat", "airplane"]):  # sorted: airplane = 0, cat = 1
+        for name in names:
             os.makedirs(tmp_path / split / name)
-            pixels = torch.full((32, 32, 3), 100 * label, dtype=torch.uint8).numpy()
+            pixels = torch.full((32, 32, 3), names.index(name), dtype=torch.uint8).numpy()
             Image.fromarray(pixels).save(tmp_path / split / name / "0.png")
     images, labels, test_images, test_labels = train_cifar.load_data(
         train_cifar.parse_args(["--data-dir", str(tmp_path)]))
-    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
-    assert labels.tolist() == [0, 1] and images[0].max() == 100 and images[1].max() == 0
+    assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8
+    assert [names[image.max()] for image in images] == sorted(names)  # sorted: airplane = 0, truck = 9
+    assert labels.tolist() == list(range(10)) and test_labels.tolist() == list(range(10))
+
+    os.rename(tmp_path / "test" / "truck", tmp_path / "test" / "lorry")
+    status, printed = train(["--data-dir", str(tmp_path), "--device", "cpu", "--model", "groupmixformer_tiny",
+                             "--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and "lorry" in one_error_line(printed) and "10 class folders" in printed.err
 
 
 @pytest.mark.slow

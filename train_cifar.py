@@ -11,16 +11,18 @@
 
 The images live on the device as one uint8 tensor and are cropped and flipped (and, if asked,
 cutmixed) there in batch: no DataLoader. The recipe: AdamW without decay on biases and norm
-scales, linear warm-up then cosine decay per step, label smoothing, gradient clipping, and
+scales, linear warm-up then cosine decay per step, label smoothing (so the training loss cannot
+fall below about 0.5; validation and test losses are plain cross-entropy), gradient clipping, and
 autocast on CUDA (bf16, or fp16 with loss scaling before Ampere). 5,000 training images are held
-out for validation, which picks best.pt. Before each evaluation BatchNorm's statistics are
-recomputed on training images. The test set is evaluated once, at the end, on the final weights.
+out for validation. Before each evaluation BatchNorm's statistics are recomputed on training
+images. The test set is evaluated once, at the end, on the final weights.
 
-A run writes to --out: config.json, metrics.jsonl, last.pt and best.pt (each written atomically),
-final.json, and curves.png if matplotlib is installed; a series (--seeds N) writes OUT/seed<k>/
-and OUT/summary.json. A resumed run ends with exactly the metrics of an uninterrupted one (on a
-GPU, up to its kernels' non-determinism). Epoch times leave out one untimed warm-up step, made
-on a GPU or with --compile; final.json's wall_seconds counts everything, loading included.
+A run writes to --out: config.json, metrics.jsonl, last.pt and best.pt (the weights of the best
+validation epoch), final.json, and curves.png if matplotlib is installed; all but the picture are
+written atomically. A series (--seeds N) writes OUT/config.json, OUT/seed<k>/ and OUT/summary.json.
+A resumed run ends with exactly the metrics of an uninterrupted one (on a GPU, up to its kernels'
+non-determinism). Epoch times leave out one untimed warm-up step, made on a GPU or with
+--compile; final.json's wall_seconds counts the rest too: loading, warm-up, evaluation.
 """
 import argparse
 import ast
@@ -55,36 +57,44 @@ class UserError(Exception):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where the help text says what happens without it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, []) else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
     add = p.add_argument
-    add("--data-dir", help="cifar-10-batches-py/ or train/ + test/ image folders (default ./data, "
-        "or on --resume the run's own)")
+    add("--data-dir", help="cifar-10-batches-py/ or train/ + test/ image folders; without it: ./data "
+        "(downloaded), or on --resume the run's own")
     add("--synthetic", action="store_true", help="generated images: tests the pipeline, needs no files")
     add("--subset", type=int, default=0, help="train on N images after a seeded shuffle (0: all)")
     add("--val-size", type=int, default=5000, help="training images held out for validation")
     add("--model", default="groupmixformer_cifar", help=f"one of {gmf.list_models()}")
-    add("--attention", default="factorized", choices=gmf.ATTENTION_CORES)
+    add("--attention", default="factorized", choices=gmf.ATTENTION_CORES, help="the attention core")
     add("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="change a field of gmf.GroupMixFormerConfig (repeatable): --set group_sizes=1,1,1,1")
-    add("--epochs", type=int, default=40)
-    add("--batch-size", type=int, default=256)
+    add("--epochs", type=int, default=40, help="passes over the training images")
+    add("--batch-size", type=int, default=256, help="images per optimisation step")
     add("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     add("--weight-decay", type=float, default=0.05, help="of matrices and kernels only")
     add("--warmup-epochs", type=float, default=2.0, help="linear warm-up (at most a quarter of the run)")
-    add("--label-smoothing", type=float, default=0.1)
+    add("--label-smoothing", type=float, default=0.1, help="of the training targets")
     add("--grad-clip", type=float, default=5.0, help="max gradient norm (0: off)")
     add("--cutmix", type=float, default=0.0, help="probability of cutmix per batch")
-    add("--device", choices=["auto", "cuda", "mps", "cpu"], help="default: auto (CUDA, else MPS, else "
-        "CPU), or on --resume the run's own")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], help="without it: auto (CUDA, else MPS, else "
+        "the CPU), or on --resume the run's own")
     add("--precision", default="auto", choices=["auto", *AUTOCAST_DTYPES],
-        help="autocast dtype; auto: bf16 on CUDA from Ampere on, fp16 with loss scaling before, else fp32")
+        help="autocast dtype; auto: bf16 on CUDA from Ampere on, fp16 with loss scaling before, else "
+        "fp32 (fp16 on the CPU or MPS has no loss scaling)")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--seed", type=int, default=0, help="of the split, the initialisation and the augmentation")
+    add("--seed", type=int, default=0, help="of the split, the initialisation, the augmentation (and "
+        "of --synthetic's images)")
     add("--seeds", type=int, default=1, help="run seeds SEED, SEED+1, ... and report mean and std")
-    add("--out", help="output folder (default runs/<date-time>)")
+    add("--out", help="output folder; without it: runs/<date-time>")
     add("--resume", metavar="OUT", help="continue the run or series in this folder")
     args = p.parse_args(argv)
     for name, lowest in (("epochs", 1), ("batch_size", 1), ("seeds", 1), ("val_size", 1), ("subset", 0),
@@ -142,7 +152,12 @@ def load_data(args):
         return synthetic_cifar(args.seed)
     root = args.data_dir
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        return (*load_image_folder(os.path.join(root, "train")), *load_image_folder(os.path.join(root, "test")))
+        folders = [os.path.join(root, split) for split in ("train", "test")]
+        classes = [sorted(d for d in os.listdir(f) if os.path.isdir(os.path.join(f, d))) for f in folders]
+        if len(classes[0]) != 10 or classes[0] != classes[1]:
+            raise UserError(f"{root}: train/ and test/ must hold the same 10 class folders, not {classes[0]} "
+                            f"and {classes[1]}")
+        return (*load_image_folder(folders[0], classes[0]), *load_image_folder(folders[1], classes[1]))
     import torchvision
 
     try:  # torchvision's own CIFAR-10 files (cifar-10-batches-py/), downloaded if need be
@@ -157,12 +172,11 @@ def load_data(args):
     return tuple(arrays)
 
 
-def load_image_folder(folder):
+def load_image_folder(folder, classes):
     """Decode <class>/<image> files in threads; labels follow the sorted class names, as in ImageFolder."""
     import numpy as np
     from PIL import Image  # installed with torchvision, which decodes with it too
 
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     files = [(os.path.join(folder, c, name), label) for label, c in enumerate(classes)
              for name in sorted(os.listdir(os.path.join(folder, c)))
              if name.lower().endswith((".jpg", ".jpeg", ".png"))]
@@ -184,7 +198,7 @@ def load_image_folder(folder):
     return torch.stack(images), torch.tensor([label for _, label in files])
 
 
-def synthetic_cifar(seed, train=10000, test=500):
+def synthetic_cifar(seed, n_train=10000, n_test=500):
     """Ten classes of noisy images, each class a smooth colour pattern: learnable, and file-free."""
     g = torch.Generator().manual_seed(seed)
     prototypes = F.interpolate(torch.rand(10, 3, 4, 4, generator=g), size=32, mode="bilinear")
@@ -194,7 +208,7 @@ def synthetic_cifar(seed, train=10000, test=500):
         images = prototypes[labels] + 0.25 * torch.randn(n, 3, 32, 32, generator=g)
         return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
-    return (*make(train), *make(test))
+    return (*make(n_train), *make(n_test))
 
 
 def split_train_val(images, labels, args):
@@ -257,9 +271,13 @@ def cutmix(images, targets):
 # Device, precision, random streams, files
 # ----------------------------------------------------------------------------------------------
 
+def devices_here():
+    return {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+
+
 def pick_device(choice):
     """auto: CUDA, else Apple's MPS, else the CPU. A device asked for by name must be there."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    available = devices_here()
     if choice in (None, "auto"):
         choice = next(name for name in ("cuda", "mps", "cpu") if available[name])
     elif not available[choice]:
@@ -364,7 +382,8 @@ def evaluate(model, images, labels, autocast, batch_size=1000):
 @torch.no_grad()
 def recalibrate_batchnorm(model, images, autocast, batch_size):
     """Set every BatchNorm's running statistics to the plain average of their per-batch values
-    over these (un-augmented) training images, as the current weights see them.
+    over these (un-augmented) training images, as the current weights see them in eval mode (the
+    BatchNorms alone in training mode, so that drop path is off).
 
     Training keeps an exponential average (momentum 0.1) over the last few dozen steps, made with
     weights that have moved on since; after a few steps it still holds much of its initial mean 0
@@ -375,7 +394,9 @@ def recalibrate_batchnorm(model, images, autocast, batch_size):
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # None: a cumulative average over the batches that follow
-    model.train()
+    model.eval()
+    for norm in norms:
+        norm.train()
     for i in range(0, len(images), batch_size):
         with autocast():
             model(normalize(images[i:i + batch_size]))
@@ -384,9 +405,10 @@ def recalibrate_batchnorm(model, images, autocast, batch_size):
 
 
 def warm_up_untimed(net, model, images, autocast):
-    """One forward and backward pass before the timed epochs, then the weights, BatchNorm
-    statistics and random streams put back, so that the run is the same as without it. It takes
-    torch.compile's compilation and, on a GPU, cudnn's choice of algorithms out of epoch 1's time."""
+    """One forward and backward pass before the timed epochs, then the gradients dropped and
+    BatchNorm's statistics and the random streams put back (no optimizer step is taken), so that the
+    run is the same as without it. It takes torch.compile's compilation and, on a GPU, cuDNN's
+    choice of algorithms out of epoch 1's time."""
     print("warming up (one untimed training pass) ...", flush=True)
     state, rng = {k: v.clone() for k, v in model.state_dict().items()}, rng_state(images.device)
     model.train()
@@ -397,144 +419,6 @@ def warm_up_untimed(net, model, images, autocast):
     set_rng_state(rng, images.device)
     if images.is_cuda:
         torch.cuda.synchronize(images.device)  # epoch 1's timer starts on an idle GPU
-
-
-class Trainer:
-    """One run, in steps a reader can name: set up (or resume from last.pt), train one epoch, end
-    the epoch (validate, print, checkpoint), and test once at the end."""
-
-    def __init__(self, args, checkpoint=None):
-        self.wall_started = time.perf_counter()
-        self.args, self.device = args, torch.device(args.device)
-        torch.manual_seed(args.seed)  # the initialisation, drop path and the augmentation
-        self.model = gmf.create_model(args.model, num_classes=10, drop_path_rate=args.drop_path,
-                                      attention=args.attention, **args.set).to(self.device)
-        self.net = torch.compile(self.model) if args.compile else self.model  # what the steps call
-        images, labels, test_images, test_labels = load_data(args)
-        data = (*split_train_val(images, labels, args), test_images, test_labels)
-        (self.train_images, self.train_labels, self.val_images, self.val_labels,
-         self.test_images, self.test_labels) = (t.to(self.device) for t in data)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # time each convolution's algorithms once, keep the fastest
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        self.optimizer = torch.optim.AdamW(gmf.param_groups(self.model, args.weight_decay), lr=args.lr,
-                                           fused=self.device.type == "cuda")  # one kernel for all tensors
-        self.steps_per_epoch = max(1, len(self.train_images) // args.batch_size)  # drop the ragged batch
-        total_steps = args.epochs * self.steps_per_epoch
-        # A warm-up longer than a quarter of the run would leave a short run little time at full rate.
-        warmup_steps = max(1, min(int(args.warmup_epochs * self.steps_per_epoch), total_steps // 4))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
-        self.scaler = make_scaler(self.device, args.precision)
-        self.epoch, self.step, self.history, self.wall_before = 0, 0, [], 0.0
-        if checkpoint:
-            for name in ("model", "optimizer", "scheduler", "scaler"):
-                getattr(self, name).load_state_dict(checkpoint[name])
-            set_rng_state(checkpoint["rng"], self.device)
-            self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
-            self.history, self.wall_before = checkpoint["history"], checkpoint["wall_seconds"]
-            print(f"resuming {args.out} after epoch {self.epoch}, with the settings it was started with")
-
-        os.makedirs(args.out, exist_ok=True)
-        save(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2))
-        changed = "".join(f", {name}={value}" for name, value in args.set.items())
-        print(f"model {args.model}{changed}: {sum(p.numel() for p in self.model.parameters()):,} parameters | "
-              f"train {len(self.train_images)}, val {len(self.val_images)}, test {len(self.test_images)} "
-              f"images | {args.epochs} epochs of {self.steps_per_epoch} steps | {device_name(self.device)}, "
-              f"{args.precision}")
-        if total_steps < SHORT_RUN_STEPS:
-            print(f"note: {total_steps} steps in all test the pipeline but are too few for the accuracy to "
-                  "mean much")
-        print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} "
-              f"{'lr':>9} {'seconds':>8} {'img/s':>8}")
-        for row in self.history:
-            print_row(row)
-        if (args.compile or self.device.type != "cpu") and self.epoch < args.epochs:
-            warm_up_untimed(self.net, self.model, self.train_images[:args.batch_size], self.autocast)
-
-    def autocast(self):  # matmuls and convs in bf16 or fp16 (on a GPU, norms and softmax stay in fp32)
-        dtype = AUTOCAST_DTYPES[self.args.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
-    def wall_seconds(self):
-        """This run's seconds in all its processes, loading included (not the time between an
-        interruption and its resume, nor the part of an epoch an interruption threw away)."""
-        return self.wall_before + time.perf_counter() - self.wall_started
-
-    def train_one_epoch(self):
-        args = self.args
-        self.epoch += 1
-        self.model.train()
-        started = time.perf_counter()
-        loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        order = torch.randperm(len(self.train_images), device=self.device)
-        for i in range(self.steps_per_epoch):
-            index = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x, y = random_crop_flip(normalize(self.train_images[index])), self.train_labels[index]
-            targets = F.one_hot(y, 10).float()
-            if args.cutmix and torch.rand(()).item() < args.cutmix:  # a CPU draw: no waiting on the GPU
-                x, targets = cutmix(x, targets)
-            with self.autocast():
-                logits = self.net(x)
-            loss = loss_function(logits, targets, args.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if args.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
-            loss_sum += loss.detach() * len(index)  # summed on the device: no waiting at every step
-            correct += (logits.argmax(1) == y).sum()
-        seen = min(len(self.train_images), self.steps_per_epoch * args.batch_size)
-        train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            last = os.path.join(args.out, "last.pt")
-            kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
-            raise UserError(f"the training loss became {train_loss} in epoch {self.epoch}; stopped ({kept}). "
-                            "Start a new run with a lower --lr")
-        seconds = time.perf_counter() - started
-        return dict(epoch=self.epoch, step=self.step, train_loss=train_loss,
-                    train_acc=100.0 * correct.item() / seen, lr=self.scheduler.get_last_lr()[0],
-                    epoch_seconds=seconds, images_per_second=seen / seconds)
-
-    def end_of_epoch(self, row):
-        """Validate, print, then write metrics.jsonl, best.pt and, last, last.pt: whatever an
-        interruption leaves behind, resuming from last.pt redoes the epochs after it exactly."""
-        args = self.args
-        # In batches of the training size: on a GPU, a new shape would start a new algorithm search.
-        recalibrate_batchnorm(self.model, self.train_images[:BATCHNORM_IMAGES], self.autocast, args.batch_size)
-        row["val_loss"], row["val_acc"] = evaluate(self.model, self.val_images, self.val_labels, self.autocast)
-        best_before = max((r["val_acc"] for r in self.history), default=-1.0)
-        self.history.append(row)
-        print_row(row)
-        save(os.path.join(args.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in self.history))
-        if row["val_acc"] > best_before:
-            save(os.path.join(args.out, "best.pt"), {"model": self.model.state_dict(), "epoch": self.epoch,
-                                                     "val_acc": row["val_acc"], "settings": vars(args)})
-        save(os.path.join(args.out, "last.pt"), {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-            "step": self.step, "rng": rng_state(self.device), "history": self.history,
-            "wall_seconds": self.wall_seconds(), "settings": vars(args)})
-
-    def test_once(self):
-        """The test set, once, with the final weights: no choice was ever made by looking at it."""
-        args = self.args
-        test_loss, test_acc = evaluate(self.model, self.test_images, self.test_labels, self.autocast)
-        final = dict(test_acc=test_acc, test_loss=test_loss, val_acc=self.history[-1]["val_acc"],
-                     epochs=args.epochs, seed=args.seed, wall_seconds=self.wall_seconds(),
-                     train_seconds=sum(r["epoch_seconds"] for r in self.history),
-                     device=device_name(self.device), precision=args.precision, torch=torch.__version__,
-                     model=args.model, parameters=sum(p.numel() for p in self.model.parameters()),
-                     command=" ".join(sys.argv))
-        save(os.path.join(args.out, "final.json"), json.dumps(final, indent=2))
-        plot_curves(args.out, self.history)
-        print(f"test accuracy {test_acc:.2f}% (final weights, evaluated once) | training "
-              f"{final['train_seconds']:.1f} s, whole run {final['wall_seconds']:.1f} s | in {args.out}")
-        return final
 
 
 def print_row(row):
@@ -565,8 +449,159 @@ def plot_curves(out, history):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=80)
+    try:
+        fig.savefig(os.path.join(out, "curves.png"), dpi=80)
+    except OSError as error:  # a picture is not worth stopping for: the numbers are in metrics.jsonl
+        print(f"warning: curves.png not written ({error})", file=sys.stderr)
     plt.close(fig)
+
+
+class Trainer:
+    """One run, in steps a reader can name: set up (or resume from last.pt), train one epoch, end
+    the epoch (validate, print, checkpoint), and test once at the end."""
+
+    def __init__(self, args, checkpoint=None):
+        self.wall_started = time.perf_counter()
+        self.args, self.device = args, torch.device(args.device)
+        torch.manual_seed(args.seed)  # the initialisation, drop path and the augmentation
+        self.model = gmf.create_model(args.model, num_classes=10, drop_path_rate=args.drop_path,
+                                      attention=args.attention, **args.set).to(self.device)
+        # What the training steps call; evaluation calls the plain model (its eval-mode graph
+        # would be a second compilation, for a small share of the time).
+        self.net = torch.compile(self.model) if args.compile else self.model
+        images, labels, test_images, test_labels = load_data(args)
+        data = (*split_train_val(images, labels, args), test_images, test_labels)
+        (self.train_images, self.train_labels, self.val_images, self.val_labels,
+         self.test_images, self.test_labels) = (t.to(self.device) for t in data)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # time each convolution's algorithms once, keep the fastest
+            # fp32 matmuls and convs (outside autocast, or with --precision fp32) run as TF32 on
+            # tensor cores: 10 bits of mantissa, several times faster, plenty for training.
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.optimizer = torch.optim.AdamW(gmf.param_groups(self.model, args.weight_decay), lr=args.lr,
+                                           fused=self.device.type == "cuda")  # one kernel for all tensors
+        self.steps_per_epoch = max(1, len(self.train_images) // args.batch_size)  # drop the ragged batch
+        total_steps = args.epochs * self.steps_per_epoch
+        # A warm-up longer than a quarter of the run would leave a short run little time at full rate.
+        self.warmup_steps = warmup_steps = max(1, min(int(args.warmup_epochs * self.steps_per_epoch),
+                                                      total_steps // 4))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+        self.scaler = make_scaler(self.device, args.precision)
+        self.epoch, self.step, self.history, self.wall_seconds_before = 0, 0, [], 0.0
+        if checkpoint:
+            try:
+                for name in ("model", "optimizer", "scheduler", "scaler"):
+                    getattr(self, name).load_state_dict(checkpoint[name])
+            except (RuntimeError, ValueError, KeyError) as error:
+                raise UserError(f"{args.out}/last.pt does not fit this run's network and settings "
+                                f"({str(error).splitlines()[0]}): was it copied from another run?")
+            set_rng_state(checkpoint["rng"], self.device)
+            self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+            self.history, self.wall_seconds_before = checkpoint["history"], checkpoint["wall_seconds"]
+            print(f"resuming {args.out} after epoch {self.epoch}, with the settings it was started with")
+
+        os.makedirs(args.out, exist_ok=True)
+        save(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2))
+        changed = "".join(f", {name}={value}" for name, value in args.set.items())
+        print(f"model {args.model}{changed}: {sum(p.numel() for p in self.model.parameters()):,} parameters | "
+              f"train {len(self.train_images)}, val {len(self.val_images)}, test {len(self.test_images)} "
+              f"images | {args.epochs} epochs of {self.steps_per_epoch} steps, {warmup_steps} of warm-up | "
+              f"{device_name(self.device)}, {args.precision}")
+        if total_steps < SHORT_RUN_STEPS:
+            print(f"note: {total_steps} steps in all test the pipeline but are too few for the accuracy to "
+                  "mean much")
+        print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} "
+              f"{'lr':>9} {'seconds':>8} {'img/s':>8}")
+        for row in self.history:
+            print_row(row)
+        if (args.compile or self.device.type != "cpu") and self.epoch < args.epochs:
+            warm_up_untimed(self.net, self.model, self.train_images[:args.batch_size], self.autocast)
+
+    def autocast(self):  # matmuls and convs in bf16 or fp16 (on a GPU, norms and softmax stay in fp32)
+        dtype = AUTOCAST_DTYPES[self.args.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def wall_seconds(self):
+        """This run's seconds in all its processes, loading included (not the time between an
+        interruption and its resume, nor the part of an epoch an interruption threw away)."""
+        return self.wall_seconds_before + time.perf_counter() - self.wall_started
+
+    def train_one_epoch(self):
+        args = self.args
+        self.epoch += 1
+        self.model.train()
+        started = time.perf_counter()
+        loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        order = torch.randperm(len(self.train_images), device=self.device)
+        for i in range(self.steps_per_epoch):
+            index = order[i * args.batch_size:(i + 1) * args.batch_size]
+            x, y = random_crop_flip(normalize(self.train_images[index])), self.train_labels[index]
+            targets = F.one_hot(y, 10).float()
+            if args.cutmix and torch.rand(()).item() < args.cutmix:  # a CPU draw: no waiting on the GPU
+                x, targets = cutmix(x, targets)
+            with self.autocast():
+                logits = self.net(x)
+            loss = loss_function(logits, targets, args.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if args.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            lr = self.scheduler.get_last_lr()[0]  # the rate of this step
+            self.scheduler.step()
+            self.step += 1
+            loss_sum += loss.detach() * len(index)  # summed on the device: no waiting at every step
+            correct += (logits.argmax(1) == y).sum()
+        seen = min(len(self.train_images), self.steps_per_epoch * args.batch_size)
+        train_loss = loss_sum.item() / seen  # .item() waits for the GPU: the epoch's time below is real
+        if not math.isfinite(train_loss):
+            last = os.path.join(args.out, "last.pt")
+            kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
+            raise UserError(f"the training loss became {train_loss} in epoch {self.epoch}; stopped ({kept}). "
+                            "Start a new run with a lower --lr")
+        seconds = time.perf_counter() - started
+        return dict(epoch=self.epoch, step=self.step, train_loss=train_loss,
+                    train_acc=100.0 * correct.item() / seen, lr=lr,
+                    epoch_seconds=seconds, images_per_second=seen / seconds)
+
+    def end_of_epoch(self, row):
+        """Validate, print, then write metrics.jsonl, best.pt and, last, last.pt: whatever an
+        interruption leaves behind, resuming from last.pt redoes the epochs after it exactly."""
+        args = self.args
+        # In batches of the training size: a BatchNorm's statistics are per-batch averages, as in training.
+        recalibrate_batchnorm(self.model, self.train_images[:BATCHNORM_IMAGES], self.autocast, args.batch_size)
+        row["val_loss"], row["val_acc"] = evaluate(self.model, self.val_images, self.val_labels, self.autocast)
+        best_before = max((r["val_acc"] for r in self.history), default=-1.0)
+        self.history.append(row)
+        print_row(row)
+        save(os.path.join(args.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in self.history))
+        if row["val_acc"] > best_before:  # for whoever wants the validation-best weights; the test uses the last
+            save(os.path.join(args.out, "best.pt"), {"model": self.model.state_dict(), "epoch": self.epoch,
+                                                     "val_acc": row["val_acc"], "settings": vars(args)})
+        save(os.path.join(args.out, "last.pt"), {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+            "step": self.step, "rng": rng_state(self.device), "history": self.history,
+            "wall_seconds": self.wall_seconds(), "settings": vars(args)})
+
+    def test_once(self):
+        """The test set, once, with the final weights: no choice was ever made by looking at it."""
+        args = self.args
+        test_loss, test_acc = evaluate(self.model, self.test_images, self.test_labels, self.autocast)
+        final = dict(test_acc=test_acc, test_loss=test_loss, val_acc=self.history[-1]["val_acc"],
+                     epochs=args.epochs, seed=args.seed, wall_seconds=self.wall_seconds(),
+                     train_seconds=sum(r["epoch_seconds"] for r in self.history),
+                     device=device_name(self.device), precision=args.precision, torch=torch.__version__,
+                     model=args.model, parameters=sum(p.numel() for p in self.model.parameters()),
+                     command=" ".join(sys.argv))
+        save(os.path.join(args.out, "final.json"), json.dumps(final, indent=2))
+        plot_curves(args.out, self.history)
+        print(f"test accuracy {test_acc:.2f}% (final weights, evaluated once) | training "
+              f"{final['train_seconds']:.1f} s, whole run {final['wall_seconds']:.1f} s | in {args.out}")
+        return final
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,9 +635,13 @@ def resolve_settings(args):
     if not args.synthetic and args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise UserError(f"the data folder {args.data_dir} does not exist (a typing error?); without "
                         "--data-dir, CIFAR-10 is downloaded into ./data")
-    args.data_dir = args.data_dir or "./data"
+    args.data_dir = os.path.abspath(args.data_dir or "./data")  # a resumed run finds it from anywhere
     device = pick_device(args.device)
     args.device, args.precision = device.type, pick_precision(args.precision, device)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot make the output folder {args.out}: {error}")
     if device.type == "cpu":
         print(f"warning: training on the CPU, which is slow. A first run that learns in minutes: "
               f"{CPU_FIRST_RUN}", file=sys.stderr)
@@ -617,6 +656,8 @@ def read_settings(out, data_dir, device):
         with open(path) as f:
             saved = json.load(f)
     except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
         raise UserError(f"no run in {out} (no readable config.json): --resume takes a run's --out folder")
     current = vars(parse_args([]))
     missing = sorted(set(current) - set(saved))
@@ -624,9 +665,9 @@ def read_settings(out, data_dir, device):
     if missing or dropped:
         raise UserError(f"{out} was made by another version of train_cifar.py ({', '.join(missing + dropped)}) "
                         "and cannot be continued exactly: start a new run")
-    if device is not None and pick_device(device).type != saved["device"]:
-        raise UserError(f"{out} was run on {saved['device']} and continues only there "
-                        f"(--device {saved['device']})")
+    if not devices_here().get(saved["device"]) or (device is not None and pick_device(device).type != saved["device"]):
+        raise UserError(f"{out} was run on {saved['device']} and continues only there (--device "
+                        f"{saved['device']}): its random streams are that device's")
     return argparse.Namespace(**{**saved, "data_dir": data_dir or saved["data_dir"], "out": out, "resume": out})
 
 
@@ -645,7 +686,7 @@ def train(args):
 
 def train_series(args):
     """Seeds SEED .. SEED+N-1, each a whole run in OUT/seed<k>; the mean and sample standard
-    deviation of their final test accuracies and times go to OUT/summary.json. Every seed counts."""
+    deviation of their final test accuracies and times go to OUT/summary.json. No seed is left out."""
     os.makedirs(args.out, exist_ok=True)
     save(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2))
     finals = []
@@ -668,9 +709,16 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         args = resolve_settings(args)
-        train_series(args) if args.seeds > 1 else train(args)
+        if args.seeds > 1:
+            train_series(args)
+        else:
+            train(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory on the {args.device} at --batch-size {args.batch_size}: start a new run "
+              "(another --out) with a smaller batch, and a lower --lr with it", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         started = args.out and os.path.exists(os.path.join(args.out, "config.json"))
