@@ -603,15 +603,16 @@ def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_targets_by_its_a
 
 def test_batchnorm_statistics_are_recomputed_as_the_plain_average_over_training_images():
     """After recalibration every BatchNorm holds the mean and (unbiased) variance of its input
-    over the given images, as one train-mode pass with momentum 1 would leave them over a single
-    batch of them all; the momenta are as before, and the weights untouched."""
-    model = gmf.create_model("groupmixformer_tiny", drop_path_rate=0.0)
+    over the given images, as one pass with momentum 1 would leave them over a single batch of them
+    all, with the network as evaluation sees it (drop path off: the second block's rate is 0.5);
+    the momenta are as before, and the weights untouched."""
+    model = gmf.create_model("groupmixformer_tiny", depths=(2,), drop_path_rate=0.5)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    reference = copy.deepcopy(model).train()
+    reference = copy.deepcopy(model).eval()
     for norm in reference.modules():
         if isinstance(norm, torch.nn.BatchNorm2d):
-            norm.reset_running_stats()
+            norm.train().reset_running_stats()  # the BatchNorms alone in training mode
             norm.momentum = 1.0  # keep exactly what one batch shows
     with torch.no_grad():
         reference(train_cifar.normalize(images))
