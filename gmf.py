@@ -348,15 +348,19 @@ class GroupMixFormerConfig:
     img_size: int = 224  # natural input side, used only for FLOP tables; any size runs
 
     def __post_init__(self):
-        # The tuple fields take any sequence (lists from JSON, say) and keep it as a tuple.
-        for name in ("dims", "depths", "mlp_ratios", "group_sizes", "stem_strides", "stage_strides",
-                     "crpe_windows"):
-            value, pairs = getattr(self, name), name == "crpe_windows"
-            item_fits = (lambda v: isinstance(v, (tuple, list)) and len(v) == 2) if pairs else _is_number
-            if not isinstance(value, (tuple, list)) or not all(map(item_fits, value)):
-                raise ValueError(f"GroupMixFormerConfig: {name}={value!r} must be a sequence of "
-                                 f"{'(kernel, heads) pairs' if pairs else 'numbers'}")
-            setattr(self, name, tuple(tuple(v) for v in value) if pairs else tuple(value))
+        # The tuple fields take any sequence (lists from JSON, say) and keep it as a tuple. A number
+        # where a sequence belongs is refused here, before validate() reads the items.
+        for name in ("dims", "depths", "mlp_ratios", "group_sizes", "stem_strides", "stage_strides"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not all(map(_is_number, value)):
+                raise ValueError(f"GroupMixFormerConfig: {name}={value!r} must be a sequence of numbers")
+            setattr(self, name, tuple(value))
+        windows = self.crpe_windows
+        if not isinstance(windows, (tuple, list)) or not all(
+                isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in windows):
+            raise ValueError(f"GroupMixFormerConfig: crpe_windows={windows!r} must be a sequence of "
+                             "(kernel, heads) pairs")
+        self.crpe_windows = tuple(tuple(pair) for pair in windows)
         self.validate()
 
     @property

@@ -53,6 +53,11 @@ class UserError(Exception):
     """A problem the user can fix (no data, a bad checkpoint, a full disk): one line, exit status 2."""
 
 
+def first_line(error):
+    """An exception's message up to its first line break (torch's can run to a stack of frames)."""
+    return str(error).partition("\n")[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +337,7 @@ def save(path, content):
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"cannot write {path}: {str(error).splitlines()[0]}")
+        raise UserError(f"cannot write {path}: {first_line(error)}")
 
 
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "history", "wall_seconds"}
@@ -483,8 +488,7 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.train_images) // args.batch_size)  # drop the ragged batch
         total_steps = args.epochs * self.steps_per_epoch
         # A warm-up longer than a quarter of the run would leave a short run little time at full rate.
-        self.warmup_steps = warmup_steps = max(1, min(int(args.warmup_epochs * self.steps_per_epoch),
-                                                      total_steps // 4))
+        warmup_steps = max(1, min(int(args.warmup_epochs * self.steps_per_epoch), total_steps // 4))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
         self.scaler = make_scaler(self.device, args.precision)
@@ -495,13 +499,13 @@ class Trainer:
                     getattr(self, name).load_state_dict(checkpoint[name])
             except (RuntimeError, ValueError, KeyError) as error:
                 raise UserError(f"{args.out}/last.pt does not fit this run's network and settings "
-                                f"({str(error).splitlines()[0]}): was it copied from another run?")
+                                f"({first_line(error)}): was it copied from another run?")
             set_rng_state(checkpoint["rng"], self.device)
             self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
             self.history, self.wall_seconds_before = checkpoint["history"], checkpoint["wall_seconds"]
             print(f"resuming {args.out} after epoch {self.epoch}, with the settings it was started with")
 
-        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(args.out, exist_ok=True)  # a series' seed<k>/ folder is made here
         save(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2))
         changed = "".join(f", {name}={value}" for name, value in args.set.items())
         print(f"model {args.model}{changed}: {sum(p.numel() for p in self.model.parameters()):,} parameters | "
@@ -619,7 +623,7 @@ def resolve_settings(args):
         if changed:
             raise UserError(f"--resume continues {args.resume} with the settings it was started with; "
                             f"--{changed[0].replace('_', '-')} cannot change them (start a new run with --out)")
-        args = read_settings(args.resume, data_dir=args.data_dir, device=args.device)
+        args = read_settings(args.resume, defaults, data_dir=args.data_dir, device=args.device)
     else:
         args.set = config_overrides(args.set)
         args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -633,8 +637,8 @@ def resolve_settings(args):
         raise UserError(str(error))
     args.set = {name: getattr(config, name) for name in args.set}  # lists (as typed, or from JSON) as tuples
     if not args.synthetic and args.data_dir is not None and not os.path.isdir(args.data_dir):
-        raise UserError(f"the data folder {args.data_dir} does not exist (a typing error?); without "
-                        "--data-dir, CIFAR-10 is downloaded into ./data")
+        raise UserError(f"the data folder {args.data_dir} does not exist (mistyped, or moved?): --data-dir "
+                        "says where the data is; without it a new run downloads CIFAR-10 into ./data")
     args.data_dir = os.path.abspath(args.data_dir or "./data")  # a resumed run finds it from anywhere
     device = pick_device(args.device)
     args.device, args.precision = device.type, pick_precision(args.precision, device)
@@ -648,9 +652,10 @@ def resolve_settings(args):
     return args
 
 
-def read_settings(out, data_dir, device):
+def read_settings(out, defaults, data_dir, device):
     """The settings in OUT/config.json, with the data folder and device given on the command line
-    (the device must be the run's own: its random streams are that device's)."""
+    (the device must be the run's own: its random streams are that device's). `defaults` are this
+    version's settings, by name: a run saved with others was made by another version."""
     path = os.path.join(out, "config.json")
     try:
         with open(path) as f:
@@ -659,13 +664,13 @@ def read_settings(out, data_dir, device):
         saved = None
     if not isinstance(saved, dict):
         raise UserError(f"no run in {out} (no readable config.json): --resume takes a run's --out folder")
-    current = vars(parse_args([]))
-    missing = sorted(set(current) - set(saved))
-    dropped = sorted(k for k in set(saved) - set(current) if saved[k])  # options this version lacks, used
+    missing = sorted(set(defaults) - set(saved))
+    dropped = sorted(k for k in set(saved) - set(defaults) if saved[k])  # options this version lacks, used
     if missing or dropped:
         raise UserError(f"{out} was made by another version of train_cifar.py ({', '.join(missing + dropped)}) "
                         "and cannot be continued exactly: start a new run")
-    if not devices_here().get(saved["device"]) or (device is not None and pick_device(device).type != saved["device"]):
+    elsewhere = device is not None and pick_device(device).type != saved["device"]
+    if elsewhere or not devices_here().get(saved["device"]):
         raise UserError(f"{out} was run on {saved['device']} and continues only there (--device "
                         f"{saved['device']}): its random streams are that device's")
     return argparse.Namespace(**{**saved, "data_dir": data_dir or saved["data_dir"], "out": out, "resume": out})
@@ -687,7 +692,6 @@ def train(args):
 def train_series(args):
     """Seeds SEED .. SEED+N-1, each a whole run in OUT/seed<k>; the mean and sample standard
     deviation of their final test accuracies and times go to OUT/summary.json. No seed is left out."""
-    os.makedirs(args.out, exist_ok=True)
     save(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2))
     finals = []
     for seed in range(args.seed, args.seed + args.seeds):
