@@ -341,8 +341,9 @@ def test_bad_checkpoints_and_folders_are_named_in_one_line(tmp_path, monkeypatch
 
 def test_a_foreign_checkpoint_a_file_as_out_and_running_out_of_memory_are_one_line_errors(
         tmp_path, monkeypatch, capsys):
-    """A last.pt copied from a run of another network, an --out that is a file, a missing GPU on
-    resume, and running out of GPU memory: status 2, one line that says what to do."""
+    """A last.pt copied from a run of another network or replaced by a best.pt, an --out that is a
+    file, a missing GPU on resume, and running out of GPU memory: status 2, one line that says what
+    to do."""
     ours, other = str(tmp_path / "ours"), str(tmp_path / "other")
     interrupt_after_first_checkpoint(monkeypatch)
     assert train(TINY_RUN + ["--out", ours])[0] == 130
@@ -350,6 +351,9 @@ def test_a_foreign_checkpoint_a_file_as_out_and_running_out_of_memory_are_one_li
     os.replace(os.path.join(other, "last.pt"), os.path.join(ours, "last.pt"))
     status, printed = train(["--resume", ours], capsys)
     assert status == 2 and "copied from another run" in one_error_line(printed)
+    os.replace(os.path.join(other, "best.pt"), os.path.join(ours, "last.pt"))  # weights, no optimizer
+    status, printed = train(["--resume", ours], capsys)
+    assert status == 2 and "not a checkpoint of this train_cifar.py" in one_error_line(printed)
 
     (tmp_path / "a_file").write_text("")
     status, printed = train(TINY_RUN + ["--out", str(tmp_path / "a_file" / "run")], capsys)

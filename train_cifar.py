@@ -239,8 +239,7 @@ def normalize(images):
 @functools.lru_cache
 def channel_statistics(device):
     """Made once per device: a copy from the host at every step would wait for the GPU's queue."""
-    return (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
+    return [torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (CIFAR_MEAN, CIFAR_STD)]
 
 
 def random_crop_flip(images, generator=None, pad=4):
@@ -319,8 +318,8 @@ def rng_state(device):
 
 def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
-    if device.type in GPU_RANDOM:  # (checkpoints of older versions keep it under the device's name)
-        GPU_RANDOM[device.type].set_rng_state(state.get("gpu", state.get(device.type)))
+    if device.type in GPU_RANDOM:
+        GPU_RANDOM[device.type].set_rng_state(state["gpu"])
 
 
 def save(path, content):
@@ -426,10 +425,11 @@ def warm_up_untimed(net, model, images, autocast):
         torch.cuda.synchronize(images.device)  # epoch 1's timer starts on an idle GPU
 
 
-def print_row(row):
-    print(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_acc']:>9.2f} {row['val_loss']:>8.4f} "
-          f"{row['val_acc']:>7.2f} {row['lr']:>9.2e} {row['epoch_seconds']:>8.1f} "
-          f"{row['images_per_second']:>8.0f}", flush=True)  # at once, in a log file too
+# The console table: its header, and one row per epoch.
+HEADER = (f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} {'lr':>9} "
+          f"{'seconds':>8} {'img/s':>8}")
+ROW = ("{epoch:>5} {train_loss:>10.4f} {train_acc:>9.2f} {val_loss:>8.4f} {val_acc:>7.2f} {lr:>9.2e} "
+       "{epoch_seconds:>8.1f} {images_per_second:>8.0f}")
 
 
 def device_name(device):
@@ -439,15 +439,12 @@ def device_name(device):
 def plot_curves(out, history):
     """curves.png: losses and accuracies per epoch, when matplotlib is installed."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: no window, no global backend, nothing to close
     except ImportError:
         return
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, metric, label in zip(axes, ("loss", "acc"), ("loss", "accuracy (%)")):
+    fig = Figure(figsize=(9, 3.5))
+    for ax, metric, label in zip(fig.subplots(1, 2), ("loss", "acc"), ("loss", "accuracy (%)")):
         ax.plot(epochs, [r[f"train_{metric}"] for r in history], label="train")
         ax.plot(epochs, [r[f"val_{metric}"] for r in history], label="validation")
         ax.set(xlabel="epoch", ylabel=label)
@@ -458,7 +455,6 @@ def plot_curves(out, history):
         fig.savefig(os.path.join(out, "curves.png"), dpi=80)
     except OSError as error:  # a picture is not worth stopping for: the numbers are in metrics.jsonl
         print(f"warning: curves.png not written ({error})", file=sys.stderr)
-    plt.close(fig)
 
 
 class Trainer:
@@ -515,10 +511,9 @@ class Trainer:
         if total_steps < SHORT_RUN_STEPS:
             print(f"note: {total_steps} steps in all test the pipeline but are too few for the accuracy to "
                   "mean much")
-        print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} "
-              f"{'lr':>9} {'seconds':>8} {'img/s':>8}")
+        print(HEADER)
         for row in self.history:
-            print_row(row)
+            print(ROW.format(**row), flush=True)
         if (args.compile or self.device.type != "cpu") and self.epoch < args.epochs:
             warm_up_untimed(self.net, self.model, self.train_images[:args.batch_size], self.autocast)
 
@@ -580,7 +575,7 @@ class Trainer:
         row["val_loss"], row["val_acc"] = evaluate(self.model, self.val_images, self.val_labels, self.autocast)
         best_before = max((r["val_acc"] for r in self.history), default=-1.0)
         self.history.append(row)
-        print_row(row)
+        print(ROW.format(**row), flush=True)  # at once, in a log file too
         save(os.path.join(args.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in self.history))
         if row["val_acc"] > best_before:  # for whoever wants the validation-best weights; the test uses the last
             save(os.path.join(args.out, "best.pt"), {"model": self.model.state_dict(), "epoch": self.epoch,
@@ -665,7 +660,7 @@ def read_settings(out, defaults, data_dir, device):
     if not isinstance(saved, dict):
         raise UserError(f"no run in {out} (no readable config.json): --resume takes a run's --out folder")
     missing = sorted(set(defaults) - set(saved))
-    dropped = sorted(k for k in set(saved) - set(defaults) if saved[k])  # options this version lacks, used
+    dropped = sorted(set(saved) - set(defaults))  # options this version does not have
     if missing or dropped:
         raise UserError(f"{out} was made by another version of train_cifar.py ({', '.join(missing + dropped)}) "
                         "and cannot be continued exactly: start a new run")
