@@ -16,6 +16,7 @@
 """
 import copy
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -124,12 +125,10 @@ def test_a_run_with_cutmix_trains_and_draws_its_curves_if_it_can(tmp_path, monke
     status, printed = train(TINY_RUN + ["--out", out, "--epochs", "1", "--cutmix", "1.0"], capsys)
     assert status == 0, printed.err
     assert len(soft) == 3 and any(soft)  # a box may be empty, or an image pasted onto itself
-    try:
-        import matplotlib  # noqa: F401 (only: is it installed?)
-    except ImportError:
-        assert not os.path.exists(os.path.join(out, "curves.png"))  # optional: skipped quietly
-    else:
+    if importlib.util.find_spec("matplotlib"):
         assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+    else:
+        assert not os.path.exists(os.path.join(out, "curves.png"))  # optional: skipped quietly
 
 
 def test_a_series_reports_mean_and_std_of_every_seeds_final_result(tmp_path, monkeypatch, capsys):
