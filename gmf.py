@@ -383,6 +383,9 @@ class GroupMixFormerConfig:
             fail(f"attention={self.attention!r} must be one of {ATTENTION_CORES}")
         if self.padding_mode not in PADDING_MODES:
             fail(f"padding_mode={self.padding_mode!r} must be one of {PADDING_MODES}")
+        for name in ("use_crpe", "use_non_attention_branch", "qkv_bias"):  # before num_segments reads one
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name}={getattr(self, name)!r} must be True or False")
         for name in ("depths", "stage_strides", "stem_strides"):
             if any(not isinstance(v, int) or v < 1 for v in getattr(self, name)):
                 fail(f"{name}={getattr(self, name)} must hold positive integers")
@@ -406,9 +409,6 @@ class GroupMixFormerConfig:
             if segment % heads_per_segment:
                 fail(f"stage width {c}: segment width {segment} must split into {heads_per_segment} "
                      f"heads per segment (num_heads={self.num_heads})")
-        for name in ("use_crpe", "use_non_attention_branch", "qkv_bias"):
-            if not isinstance(getattr(self, name), bool):
-                fail(f"{name}={getattr(self, name)!r} must be True or False")
         if sum(heads for _, heads in self.crpe_windows) != self.num_heads:
             fail(f"crpe_windows={self.crpe_windows} must assign exactly num_heads={self.num_heads} heads")
         if any(not isinstance(k, int) or not isinstance(heads, int) or k < 1 or k % 2 == 0 or heads < 1

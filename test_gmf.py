@@ -1405,6 +1405,8 @@ BAD_CONFIGS = [
     (dict(dims=()), "dims"),
     (dict(use_crpe="no"), "use_crpe='no'"),
     (dict(use_non_attention_branch=0), "use_non_attention_branch=0"),
+    (dict(use_non_attention_branch="no", dims=(40, 80, 160, 164)),  # named before any width
+     "use_non_attention_branch='no'"),
     (dict(use_non_attention_branch=False, dims=(40, 80, 160, 170)), "170"),  # not 4 segments
     (dict(group_sizes=7), "group_sizes=7"),  # a number where a sequence belongs
     (dict(crpe_windows=(3, 8)), "crpe_windows=(3, 8)"),  # one pair, not a sequence of pairs
