@@ -239,7 +239,7 @@ def normalize(images):
 @functools.lru_cache
 def channel_statistics(device):
     """Made once per device: a copy from the host at every step would wait for the GPU's queue."""
-    return [torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (CIFAR_MEAN, CIFAR_STD)]
+    return tuple(torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (CIFAR_MEAN, CIFAR_STD))
 
 
 def random_crop_flip(images, generator=None, pad=4):
