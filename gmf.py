@@ -667,7 +667,7 @@ VARIANTS = {
     #                                   the CPU and no better after one epoch (32.2% vs 33.6%)
     # One seed on 2,000 validation images leaves about +-1.1 points of sampling error alone (seeds
     # moved other short runs by 1.3), so these gaps are within the noise; the choice rests on cost
-    # (the 16 x 16 grid at a third of the widest shape's compute), not on a measured gain.
+    # (the 16 x 16 grid at less than half the widest shape's compute), not on a measured gain.
     "groupmixformer_cifar": dict(dims=(80, 160, 320), depths=(2, 3, 2), mlp_ratios=(4, 4, 4),
                                  stem_strides=(2, 1), stage_strides=(1, 2, 2),
                                  drop_path_rate=0.1, num_classes=10, img_size=32),
