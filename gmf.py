@@ -147,8 +147,8 @@ def factorized_attention(q, k, v, scale):
     The official scale is (C // h)^-1/2 with C the whole stage width, not the head width d (which
     is C/10 in the official configs), so it is smaller than the usual d^-1/2. As the scale
     multiplies only this term, not the position encoding, a different scale is a change of
-    parametrisation: scaling the position encoding's kernels and the output projection's columns
-    of these heads gives the same layer (test_gmf.py checks it).
+    parametrisation: scaling the position encoding's kernels and biases and the output
+    projection's columns of these heads gives the same layer (test_gmf.py checks it).
     """
     B, h, N, d = q.shape
     context = k.softmax(dim=-2).transpose(-2, -1) @ v  # (B, h, d, d)

@@ -358,7 +358,8 @@ def load_checkpoint(path):
 # ----------------------------------------------------------------------------------------------
 
 def lr_factor(step, warmup_steps, total_steps):
-    """Linear warm-up from 0 to 1, then cosine decay to 0, per optimisation step."""
+    """Per optimisation step: a linear warm-up (step s of w runs at (s + 1) / w of the peak),
+    then a cosine decay from 1 towards 0."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
