@@ -14,12 +14,14 @@
    BatchNorm's recalibration, the untimed warm-up, the data layouts, and (slow) a compiled run
    that matches the plain one.
 """
+import builtins
 import copy
 import errno
 import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -64,6 +66,22 @@ def metrics(out):
 
 def without_timing(rows):
     return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")} for row in rows]
+
+
+def resume(out, monkeypatch):
+    """--resume OUT: its exit status and the epochs this process trained (a run that ignored its
+    last.pt and started again would train them all, and on the CPU end with the same metrics)."""
+    trained, train_one_epoch = [], train_cifar.Trainer.train_one_epoch
+
+    def recording(self):
+        row = train_one_epoch(self)
+        trained.append(row["epoch"])
+        return row
+
+    monkeypatch.setattr(train_cifar.Trainer, "train_one_epoch", recording)
+    status = train_cifar.main(["--resume", out])
+    monkeypatch.setattr(train_cifar.Trainer, "train_one_epoch", train_one_epoch)
+    return status, trained
 
 
 def interrupt_after_first_checkpoint(monkeypatch):
@@ -113,22 +131,32 @@ def test_a_run_writes_settings_metrics_checkpoints_and_final_results(tmp_path, m
 
 
 def test_a_run_with_cutmix_trains_and_draws_its_curves_if_it_can(tmp_path, monkeypatch, capsys):
-    """--cutmix 1 mixes every batch (seen here as soft targets); curves.png is drawn when
+    """--cutmix 1 mixes every batch, and the mixed targets reach the loss; curves.png is drawn when
     matplotlib is installed and skipped quietly when it is not."""
-    out, soft, loss_function = str(tmp_path / "run"), [], train_cifar.loss_function
+    out, mixed, soft = str(tmp_path / "run"), [], []
+    cutmix, loss_function = train_cifar.cutmix, train_cifar.loss_function
 
-    def recording(logits, targets, smoothing):
+    def recording_cutmix(images, targets):
+        mixed.append(len(images))
+        return cutmix(images, targets)
+
+    def recording_loss(logits, targets, smoothing):
         soft.append(bool(((targets > 0) & (targets < 1)).any()))
         return loss_function(logits, targets, smoothing)
 
-    monkeypatch.setattr(train_cifar, "loss_function", recording)
+    monkeypatch.setattr(train_cifar, "cutmix", recording_cutmix)
+    monkeypatch.setattr(train_cifar, "loss_function", recording_loss)
     status, printed = train(TINY_RUN + ["--out", out, "--epochs", "1", "--cutmix", "1.0"], capsys)
     assert status == 0, printed.err
+    assert mixed == [32, 32, 32]  # all 3 batches
     assert len(soft) == 3 and any(soft)  # a box may be empty, or an image pasted onto itself
+    curves = os.path.join(out, "curves.png")
     if importlib.util.find_spec("matplotlib"):
-        assert os.path.getsize(os.path.join(out, "curves.png")) > 0
-    else:
-        assert not os.path.exists(os.path.join(out, "curves.png"))  # optional: skipped quietly
+        assert os.path.getsize(curves) > 0
+        os.remove(curves)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
+    train_cifar.plot_curves(out, metrics(out))
+    assert not os.path.exists(curves) and capsys.readouterr().err == ""
 
 
 def test_a_series_reports_mean_and_std_of_every_seeds_final_result(tmp_path, monkeypatch, capsys):
@@ -147,7 +175,7 @@ def test_a_series_reports_mean_and_std_of_every_seeds_final_result(tmp_path, mon
 
     interrupt_after_first_checkpoint(monkeypatch)  # in seed 0, after its first epoch
     assert train(TINY_RUN + ["--seeds", "2", "--out", interrupted])[0] == 130
-    assert train(["--resume", interrupted]) == (0, None)
+    assert resume(interrupted, monkeypatch) == (0, [2, 1, 2])  # seed 0's epoch 2, then seed 1
     assert read_json(interrupted, "summary.json")["test_acc"] == summary["test_acc"]
 
     seed1 = os.path.join(interrupted, "seed1")
@@ -168,7 +196,7 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_pat
     status, printed = train(TINY_RUN + ["--out", interrupted], capsys)
     assert status == 130 and f"--resume {interrupted}" in printed.err
     assert [r["epoch"] for r in metrics(interrupted)] == [1]
-    assert train(["--resume", interrupted]) == (0, None)
+    assert resume(interrupted, monkeypatch) == (0, [2])
     assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
     finals = [read_json(d, "final.json") for d in (straight, interrupted)]
     assert (finals[0]["test_acc"], finals[0]["test_loss"]) == (finals[1]["test_acc"], finals[1]["test_loss"])
@@ -203,7 +231,7 @@ def test_reduced_precision_runs_and_resumes_exactly_loss_scale_included(precisio
     assert read_json(straight, "final.json")["precision"] == precision
     interrupt_after_first_checkpoint(monkeypatch)
     assert train(run + ["--out", interrupted])[0] == 130
-    assert train(["--resume", interrupted]) == (0, None)
+    assert resume(interrupted, monkeypatch) == (0, [2])
     assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
     scalers = [torch.load(os.path.join(d, "last.pt"), weights_only=True)["scaler"]
                for d in (straight, interrupted)]
@@ -225,7 +253,7 @@ def test_config_overrides_build_the_model_are_recorded_and_survive_resume(tmp_pa
                                                          "use_non_attention_branch": False}
     interrupt_after_first_checkpoint(monkeypatch)
     assert train(TINY_RUN + overrides + ["--out", interrupted])[0] == 130
-    assert train(["--resume", interrupted]) == (0, None)
+    assert resume(interrupted, monkeypatch) == (0, [2])
     weights = torch.load(os.path.join(interrupted, "last.pt"), weights_only=True)["model"]
     assert weights.keys() == expected.state_dict().keys()
     assert without_timing(metrics(interrupted)) == without_timing(metrics(straight))
@@ -340,7 +368,7 @@ def test_bad_checkpoints_and_folders_are_named_in_one_line(tmp_path, monkeypatch
 
 def test_a_foreign_checkpoint_a_file_as_out_and_running_out_of_memory_are_one_line_errors(
         tmp_path, monkeypatch, capsys):
-    """A last.pt copied from a run of another network or replaced by a best.pt, an --out that is a
+    """A last.pt copied from a run of another network or replaced by a best.pt, an --out inside a
     file, a missing GPU on resume, and running out of GPU memory: status 2, one line that says what
     to do."""
     ours, other = str(tmp_path / "ours"), str(tmp_path / "other")
@@ -380,20 +408,26 @@ def test_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     train_cifar.save(checkpoint, {"epoch": 1})
     train_cifar.save(text, "epoch 1\n")
 
-    def torch_save_on_a_full_disk(obj, f):
+    # Both fakes write the start of the file they are given, then fail, as a disk that fills up
+    # mid-write does: a save that wrote in place, or left its temporary file, is caught below.
+    def torch_save_on_a_full_disk(obj, path):
+        with builtins.open(path, "wb") as f:
+            f.write(b"PK\x03\x04")  # the first bytes of torch's zip format
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nframes...")
 
     class FullDisk:
-        def __init__(self, *args):
-            pass
+        def __init__(self, path, mode="r"):
+            self.file = builtins.open(path, mode)
 
         def __enter__(self):
             return self
 
         def __exit__(self, *exc):
+            self.file.close()
             return False
 
         def write(self, text):
+            self.file.write(text[:3])
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
@@ -547,8 +581,8 @@ def test_a_gpus_random_stream_is_saved_and_restored_with_the_cpus(monkeypatch):
 
 
 def test_training_metrics_count_the_images_seen_even_when_fewer_than_a_batch(tmp_path, monkeypatch):
-    """With 20 training images and batches of 32, an epoch is one step of 20 images; a loss of
-    exactly 1 per image averages to exactly 1."""
+    """With 20 training images and batches of 32, an epoch is one step of 20 images: the speed is
+    20 images over the epoch's time, and a loss of exactly 1 per image averages to exactly 1."""
     def one_per_image(logits, targets, smoothing):
         return logits.sum() * 0 + 1.0
 
@@ -557,6 +591,7 @@ def test_training_metrics_count_the_images_seen_even_when_fewer_than_a_batch(tmp
     assert train(TINY_RUN + ["--subset", "20", "--epochs", "1", "--out", out]) == (0, None)
     (row,) = metrics(out)
     assert row["step"] == 1 and row["train_loss"] == 1.0 and 0 <= row["train_acc"] <= 100
+    assert row["images_per_second"] * row["epoch_seconds"] == pytest.approx(20)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
@@ -606,35 +641,40 @@ def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_targets_by_its_a
 
 
 def test_batchnorm_statistics_are_recomputed_as_the_plain_average_over_training_images():
-    """After recalibration every BatchNorm holds the mean and (unbiased) variance of its input
-    over the given images, as one pass with momentum 1 would leave them over a single batch of them
-    all, with the network as evaluation sees it (drop path off: the second block's rate is 0.5);
-    the momenta are as before, and the weights untouched."""
+    """After recalibration every BatchNorm holds the plain average, over the batches of the given
+    images, of each batch's mean and (unbiased) variance of its input, with the network as
+    evaluation sees it (drop path off: the second block's rate is 0.5); the momenta are as before,
+    and the weights untouched."""
     model = gmf.create_model("groupmixformer_tiny", depths=(2,), drop_path_rate=0.5)
-    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8,
+    images = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    reference = copy.deepcopy(model).eval()
-    for norm in reference.modules():
-        if isinstance(norm, torch.nn.BatchNorm2d):
-            norm.train().reset_running_stats()  # the BatchNorms alone in training mode
-            norm.momentum = 1.0  # keep exactly what one batch shows
-    with torch.no_grad():
-        reference(train_cifar.normalize(images))
+
+    def statistics_of(batch):
+        reference = copy.deepcopy(model).eval()
+        for norm in reference.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                norm.train().reset_running_stats()  # the BatchNorms alone in training mode
+                norm.momentum = 1.0  # keep exactly what this batch shows
+        with torch.no_grad():
+            reference(train_cifar.normalize(batch))
+        return {k: v for k, v in reference.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+    first, second = statistics_of(images[:64]), statistics_of(images[64:])
+    expected = {k: (first[k] + second[k]) / 2 for k in first}
     with torch.no_grad():  # statistics from other images, as training would have left them
         model.train()(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     weights = {k: v.clone() for k, v in model.named_parameters()}
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     train_cifar.recalibrate_batchnorm(model, images, no_autocast, batch_size=64)
-    for (name, got), expected in zip(model.state_dict().items(), reference.state_dict().values()):
-        if name.endswith(("running_mean", "running_var")):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    got = {k: v for k, v in model.state_dict().items() if k in expected}
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert all(torch.equal(weights[k], v) for k, v in model.named_parameters())
 
 
 def test_a_short_runs_warm_up_is_at_most_a_quarter_of_it(tmp_path):
-    """A 2-epoch warm-up in a run of 2 epochs of 3 steps would never reach the peak rate: it is
-    cut to a quarter of the run (1 step), and long runs keep theirs."""
+    """A 2-epoch warm-up in a run of 2 epochs of 3 steps would reach the peak rate only at the
+    run's last step: it is cut to a quarter of the run (1 step), and long runs keep theirs."""
     for epochs, warmup_steps in (("2", 1), ("20", 6)):
         args = train_cifar.resolve_settings(train_cifar.parse_args(
             TINY_RUN + ["--epochs", epochs, "--warmup-epochs", "2", "--out", str(tmp_path / epochs)]))
@@ -681,13 +721,26 @@ def test_an_image_folder_tree_loads_with_sorted_class_names_as_labels(tmp_path, 
 def test_a_compiled_run_trains_the_same_network_and_compiles_only_before_the_timed_epochs(
         tmp_path, monkeypatch):
     """--compile trains what the plain model trains (to rounding: the compiler may reorder sums;
-    no drop path, whose random masks the compiler may draw differently), and a recompilation in
-    the timed epochs would raise."""
+    no drop path, whose random masks the compiler may draw differently). Its graphs are compiled
+    before epoch 1 begins, in the untimed warm-up, and none is compiled during the timed epochs
+    (a recompilation would raise)."""
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     plain, compiled = str(tmp_path / "plain"), str(tmp_path / "compiled")
     run = TINY_RUN + ["--drop-path", "0"]
     assert train(run + ["--out", plain]) == (0, None)
+    graphs, train_one_epoch = [], train_cifar.Trainer.train_one_epoch
+    counters = torch._dynamo.utils.counters
+
+    def counting(self):  # the graphs compiled so far, as each timed epoch begins and ends
+        graphs.append(counters["stats"]["unique_graphs"])
+        row = train_one_epoch(self)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return row
+
+    counters.clear()
+    monkeypatch.setattr(train_cifar.Trainer, "train_one_epoch", counting)
     assert train(run + ["--out", compiled, "--compile"]) == (0, None)
+    assert graphs[0] > 0 and len(set(graphs)) == 1, graphs
     for expected, got in zip(metrics(plain), metrics(compiled), strict=True):
         for name in ("train_loss", "val_loss"):
             assert got[name] == pytest.approx(expected[name], rel=1e-3), name
