@@ -25,7 +25,8 @@ Parts, in reading order (GMF_HYPOTHESIS=thorough draws many more examples of eac
      image; CRPE is windowed relative attention with one embedding per channel (CoaT's
      derivation), and the factorized core's odd scale is a change of parametrisation.
 3. Gradients and numerics: gradcheck of a GMA layer, a gradient for every parameter, finite
-   outputs, drop path, the official initialisation, same seed same output.
+   outputs, both softmaxes stable for keys far beyond exp's range, drop path, the official
+   initialisation, same seed same output.
 4. API and shapes: forward = forward_head(forward_features); every stage's grid is what its
    convolutions give, for any config and input size; reset_classifier; param_groups; the
    attention maps (map @ v is each core's output; the model is left untouched); the variants,
@@ -368,8 +369,11 @@ def test_hand_worked_factorized_attention_on_two_tokens():
 # channels, D_o = a_o I and the whole matrix is Qhat Khat^T = A (Q G K^T) A^T, G = P^T P.
 
 def linear_part(aggregator, x):
-    """The aggregator without BatchNorm and Hardswish: the separable conv (nothing for k = 1)."""
-    return aggregator.pointwise(aggregator.depthwise(x)) if aggregator.group_size > 1 else x
+    """The aggregator's own forward with BatchNorm and Hardswish taken out: the separable conv
+    (nothing for k = 1)."""
+    linear = copy.deepcopy(aggregator)
+    linear.norm, linear.act = torch.nn.Identity(), torch.nn.Identity()
+    return linear(x)
 
 
 def logits(q_map, k_map):
@@ -810,22 +814,34 @@ def test_every_parameter_receives_a_gradient(attention):
 @given(attention=st.sampled_from(gmf.ATTENTION_CORES), scale=st.sampled_from([1e-3, 1.0, 30.0]),
        mode=st.sampled_from(["eval", "train"]), seed=seeds)
 def test_outputs_are_finite(attention, scale, mode, seed):
-    """Small, ordinary and large inputs give finite logits (softmax is computed stably)."""
+    """Small, ordinary and large inputs give finite logits (LayerNorm before Q, K and V keeps the
+    softmaxes' inputs moderate here; the next test pushes them past exp's range)."""
     model = tiny_model(attention=attention).train(mode == "train")
     x = scale * torch.randn(2, 3, 16, 12, generator=torch.Generator().manual_seed(seed))
     assert torch.isfinite(model(x)).all()
 
 
+@pytest.mark.parametrize("core", [gmf.factorized_attention, gmf.softmax_attention])
+@given(seed=seeds)
+def test_both_cores_compute_their_softmax_stably(core, seed):
+    """Adding one vector c to every key changes neither core (over tokens, each key channel moves
+    by a constant; over keys, each row's logits move by scale q.c), even with c in the thousands,
+    where exp() overflows float64: each softmax subtracts its maximum first."""
+    q, k, v = (random_tensor(seed + i, 2, 3, 6, 4) for i in range(3))
+    c = 1000 * random_tensor(seed + 3, 2, 3, 1, 4)
+    torch.testing.assert_close(core(q, k + c, v, 0.5), core(q, k, v, 0.5), rtol=0, atol=1e-9)
+
+
 def test_drop_path_drops_whole_samples_and_rescales_the_survivors():
     """In training, DropPath zeroes a sample's whole branch with probability p and scales the kept
     ones by 1/(1-p), so the expected output is the input; in eval it is the identity."""
-    drop = gmf.DropPath(0.5).train()
+    drop = gmf.DropPath(0.25).train()  # not 0.5, where p and 1 - p would be the same number
     torch.manual_seed(0)
     out = drop(torch.ones(4096, 3, 5))
     per_sample = out.flatten(1)
-    assert ((per_sample == 0).all(1) | (per_sample == 2.0).all(1)).all()  # all or nothing, kept x 2
+    assert ((per_sample == 0).all(1) | (per_sample == 4 / 3).all(1)).all()  # all or nothing, kept x 4/3
     kept = (per_sample[:, 0] > 0).double().mean().item()
-    assert abs(kept - 0.5) < 4 * math.sqrt(0.25 / 4096)  # within four standard errors
+    assert abs(kept - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 4096)  # within four standard errors
     assert torch.equal(drop.eval()(torch.ones(3, 2)), torch.ones(3, 2))
 
 
@@ -842,7 +858,8 @@ def test_one_drop_path_serves_both_residual_branches_of_a_block():
 
 def test_initialisation_follows_the_official_code():
     """Linear weights: truncated normal, std 0.02, within +-2 (official init); biases zero; norms 1/0;
-    BatchNorm momentum 0.1 (PyTorch's default, as officially). A reset classifier is initialised alike."""
+    BatchNorm momentum 0.1 and convolutions as PyTorch makes them (as officially, where only linear
+    layers and LayerNorms are initialised). A reset classifier is initialised alike."""
     torch.manual_seed(0)
     model = gmf.create_model("groupmixformer_m")
     model.reset_classifier(7)
@@ -855,6 +872,12 @@ def test_initialisation_follows_the_official_code():
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
         if isinstance(module, torch.nn.BatchNorm2d):
             assert module.momentum == 0.1 and module.eps == 1e-5, name
+        if isinstance(module, torch.nn.Conv2d):  # PyTorch's default: uniform within 1/sqrt(fan_in)
+            fan_in = module.weight[0].numel()
+            assert module.weight.abs().max().item() <= fan_in ** -0.5, name
+            if module.weight.numel() >= 1000:  # a uniform distribution's std is its bound / sqrt(3)
+                assert 0.9 < module.weight.std().item() * math.sqrt(3 * fan_in) < 1.1, name
+            assert module.bias is None or module.bias.abs().max().item() > 0, name
     assert model.head.weight.shape == (7, 160) and 0.016 < model.head.weight.std().item() < 0.024
 
 
@@ -1018,7 +1041,7 @@ def test_attention_maps_applied_to_v_give_each_cores_output(attention):
 
 def test_attention_maps_leave_the_model_as_it_was():
     """Mode, BatchNorm statistics, hooks and outputs are untouched: the maps are computed in eval
-    mode and the hooks removed, even for a model in train mode."""
+    mode and the hooks removed, and a model in train or in eval mode is left in its mode."""
     model = randomize_(tiny_model(), 0).double().train()
     x = random_tensor(1, 2, 3, 16, 16)
     before = copy.deepcopy(model.state_dict())
@@ -1029,13 +1052,21 @@ def test_attention_maps_leave_the_model_as_it_was():
     with torch.no_grad():
         again = model.eval()(x)
     torch.testing.assert_close(again, randomize_(tiny_model(), 0).double().eval()(x), rtol=0, atol=0)
+    gmf.attention_maps(model, x)  # and a model in eval mode stays in eval mode
+    assert not any(m.training for m in model.modules())
 
 
 def test_attention_maps_too_large_for_memory_are_refused_before_anything_runs():
-    model = tiny_model()
+    """The maps' size is counted exactly, before the model runs: every block of every stage holds
+    one (heads, N, N) map per image. Here two blocks on an 8 x 8 grid and one on 4 x 4, 8 heads,
+    float32: 8 * 4 * (2 * 64**2 + 16**2) = 270,336 bytes."""
+    model = tiny_model(depths=(2, 1))
+    x = torch.randn(1, 3, 16, 16)
+    assert model.grid_sizes((16, 16)) == [(8, 8), (4, 4)] and model.cfg.num_heads == 8
+    gmf.attention_maps(model, x, max_bytes=270_336)
     model.stem.register_forward_pre_hook(lambda module, inputs: pytest.fail("the model ran"))
     with pytest.raises(ValueError, match="max_bytes"):
-        gmf.attention_maps(model, torch.randn(2, 3, 64, 64), max_bytes=2**20)
+        gmf.attention_maps(model, x, max_bytes=270_335)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1058,12 +1089,13 @@ def test_cifar_variant_keeps_a_spatial_grid_on_32x32():
 
 
 def test_overrides_reach_the_model():
-    """create_model's overrides set classes, input channels, drop path, attention core, padding."""
+    """create_model's overrides set classes, input channels, drop path (its rate rising linearly
+    from 0 at the first block to the rate given at the last), attention core, padding."""
     model = gmf.create_model("groupmixformer_cifar", num_classes=7, in_chans=1, drop_path_rate=0.3,
                              attention="softmax", padding_mode="circular").eval()
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
-    assert model.stages[-1].blocks[-1].drop_path.p == pytest.approx(0.3)
-    assert model.stages[0].blocks[0].drop_path.p == 0.0
+    rates = [block.drop_path.p for stage in model.stages for block in stage.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 7).tolist())  # rising over all 7 blocks
     assert model.stages[0].blocks[0].attn.attention == "softmax"
     assert model.stem.conv1.padding_mode == "circular"
 
@@ -1398,12 +1430,16 @@ BAD_CONFIGS = [
     (dict(num_heads=6), "num_heads=6"),  # not a multiple of the 4 attention segments
     (dict(num_heads=8.0), "num_heads=8.0"),  # not an integer
     (dict(crpe_windows=((3.0, 2), (5, 3), (7, 3))), "crpe_windows"),  # a float kernel
+    (dict(crpe_windows=((4, 2), (5, 3), (7, 3))), "crpe_windows"),  # an even kernel has no centre
     (dict(depths=(3, 3, 12)), "depths"),  # one entry short of dims
     (dict(crpe_windows=((3, 2), (5, 3))), "crpe_windows"),
     (dict(stem_strides=(2, 2, 2)), "stem_strides"),
     (dict(num_classes=-1), "num_classes=-1"),
     (dict(in_chans=0), "in_chans=0"),
     (dict(drop_path_rate=1.0), "drop_path_rate=1.0"),
+    (dict(drop_path_rate=-0.1), "drop_path_rate=-0.1"),
+    (dict(img_size=0), "img_size=0"),
+    (dict(qkv_bias="no"), "qkv_bias='no'"),
     (dict(dims=()), "dims"),
     (dict(use_crpe="no"), "use_crpe='no'"),
     (dict(use_non_attention_branch=0), "use_non_attention_branch=0"),
@@ -1495,11 +1531,15 @@ def test_inputs_of_the_wrong_rank_channels_size_or_dtype_raise_value_error(rank,
 
 
 def test_circular_padding_needs_grids_as_large_as_its_windows():
-    """With circular padding a grid smaller than the 7x7 windows' padding raises ValueError."""
+    """With circular padding a grid smaller than the padding of the largest window, of the group
+    aggregators or of the position encoding, raises ValueError."""
     model = tiny_model(padding_mode="circular").eval()
     model(torch.zeros(1, 3, 12, 12))  # grids 6x6 and 3x3: fine
     with pytest.raises(ValueError, match="stage 1"):
         model(torch.zeros(1, 3, 8, 12))  # stage 1 grid 2x3
+    model = tiny_model(padding_mode="circular", group_sizes=(1, 3, 3, 3)).eval()  # CRPE's 7x7 sets it
+    with pytest.raises(ValueError, match="stage 1"):
+        model(torch.zeros(1, 3, 8, 12))
 
 
 # ==============================================================================================
